@@ -1,0 +1,201 @@
+"""minimal-registry: serve a directory of container images, read-only, to containerd and K3s.
+
+Usage:
+  minimal-registry [serve] [-d DIR] [-p PORT] [-l ADDR]... [--tls-cert FILE --tls-key FILE]
+                   [--max-connections N] [--log-format FORMAT] [-q]
+  minimal-registry import SOURCE... [-d DIR] [--name NAME] [--tag TAG] [--keep-domain] [-q]
+  minimal-registry verify [-d DIR] [--fast] [-q]
+  minimal-registry ls [-d DIR] [--json]
+  minimal-registry (-h | --help)
+  minimal-registry --version
+
+Commands:
+  serve     Serve the content tree over HTTP (the default).
+  import    Lay images from OCI layouts, OCI archives or docker-save archives
+            (plain, .gz or .zst) into the content tree.
+  verify    Check every blob, manifest and tag of the content tree.
+  ls        List repositories, tags, digests, platforms and sizes.
+
+Options:
+  -d DIR, --dir DIR       The content tree to serve or fill
+                          (default: /var/lib/rancher/k3s/agent/registry).
+  -p PORT, --port PORT    Port of the default address 127.0.0.1, as in the original
+                          tool; with -l it is the port of addresses that name none.
+  -l ADDR, --listen ADDR  Address to listen on: HOST:PORT, [IPV6]:PORT, or HOST;
+                          repeat for several (default: 127.0.0.1:9080).
+  --tls-cert FILE         Serve HTTPS with this PEM certificate (with --tls-key).
+  --tls-key FILE          The certificate's PEM private key.
+  --max-connections N     Connections served at once; more wait (default: 1000).
+  --log-format FORMAT     Access log as `text` or `json` (default: text).
+  -q, --quiet             No access log (serve); only problems (import, verify).
+  --name NAME             Import: repository name for a source that names none.
+  --tag TAG               Import: tag for a source that names none.
+  --keep-domain           Import: file images under their registry domain
+                          (docker.io/rancher/x) for containerd's ?ns= lookup,
+                          instead of trimming it (rancher/x).
+  --fast                  Verify: check sizes and references, not hashes.
+  --json                  ls: print JSON.
+  -h, --help              Show this help.
+  --version               Show the version, architecture, Python and gevent.
+
+Every serve option can also come from the environment, for systemd's EnvironmentFile
+(the command line wins): MINIMAL_REGISTRY_DIR, MINIMAL_REGISTRY_PORT,
+MINIMAL_REGISTRY_LISTEN (space-separated addresses), MINIMAL_REGISTRY_TLS_CERT,
+MINIMAL_REGISTRY_TLS_KEY, MINIMAL_REGISTRY_MAX_CONNECTIONS, MINIMAL_REGISTRY_LOG_FORMAT,
+MINIMAL_REGISTRY_QUIET (1 to silence the access log).
+"""
+
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Tuple
+
+import docopt
+
+from minimal_registry import __version__
+from minimal_registry.fatal import Fatal
+
+DEFAULT_DIR = "/var/lib/rancher/k3s/agent/registry"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 9080
+DEFAULT_MAX_CONNECTIONS = 1000
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    directory: Path
+    listen: Tuple[Tuple[str, int], ...]
+    tls_cert: Optional[Path]
+    tls_key: Optional[Path]
+    max_connections: int
+    log_format: str
+    quiet: bool
+
+
+def main(argv=None) -> int:
+    args = docopt.docopt(__doc__, argv=argv, version=version_text(), default_help=True)
+    try:
+        if args["import"]:
+            from minimal_registry.content import importer
+
+            return importer.run(
+                sources=[Path(s) for s in args["SOURCE"]],
+                tree=_directory(args, must_exist=False),
+                name=args["--name"],
+                tag=args["--tag"],
+                keep_domain=args["--keep-domain"],
+                quiet=args["--quiet"],
+            )
+        if args["verify"]:
+            from minimal_registry.content import verify
+
+            return verify.run(tree=_directory(args), fast=args["--fast"], quiet=args["--quiet"])
+        if args["ls"]:
+            from minimal_registry.content import listing
+
+            return listing.run(tree=_directory(args), as_json=args["--json"])
+
+        from minimal_registry import server
+
+        return server.serve(serve_config(args, os.environ))
+    except Fatal as failure:
+        print(f"minimal-registry: {failure}", file=sys.stderr)
+        return failure.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def version_text() -> str:
+    try:
+        import gevent
+
+        gevent_version = gevent.__version__
+    except ImportError:
+        gevent_version = "not installed"
+    return (
+        f"minimal-registry {__version__} ({platform.machine()}; "
+        f"Python {platform.python_version()}; gevent {gevent_version})"
+    )
+
+
+def serve_config(args, environ) -> ServeConfig:
+    """Turn docopt's dict (and the environment) into a checked ServeConfig, once."""
+
+    def option(flag, variable):
+        given = args[flag]
+        if given not in (None, [], False):
+            return given
+        return environ.get(variable) or None
+
+    port_text = option("--port", "MINIMAL_REGISTRY_PORT")
+    default_port = _port(port_text) if port_text is not None else DEFAULT_PORT
+    listen_given = args["--listen"] or (environ.get("MINIMAL_REGISTRY_LISTEN") or "").split()
+    addresses = [parse_address(a, default_port) for a in listen_given] or [(DEFAULT_HOST, default_port)]
+
+    tls_cert = option("--tls-cert", "MINIMAL_REGISTRY_TLS_CERT")
+    tls_key = option("--tls-key", "MINIMAL_REGISTRY_TLS_KEY")
+    if bool(tls_cert) != bool(tls_key):
+        raise Fatal("TLS needs both a certificate and a key", "give --tls-cert FILE and --tls-key FILE together")
+    for path in (tls_cert, tls_key):
+        if path and not os.access(path, os.R_OK):
+            raise Fatal(f"cannot read {path}", "check the TLS file's path and permissions")
+
+    max_text = option("--max-connections", "MINIMAL_REGISTRY_MAX_CONNECTIONS")
+    max_connections = DEFAULT_MAX_CONNECTIONS
+    if max_text is not None:
+        if not max_text.isdigit() or int(max_text) < 1:
+            raise Fatal(f"--max-connections {max_text!r} is not a positive number", "for example --max-connections 1000")
+        max_connections = int(max_text)
+
+    log_format = option("--log-format", "MINIMAL_REGISTRY_LOG_FORMAT") or "text"
+    if log_format not in LOG_FORMATS:
+        raise Fatal(f"--log-format {log_format!r} is unknown", "use --log-format text or --log-format json")
+
+    quiet = bool(args["--quiet"]) or environ.get("MINIMAL_REGISTRY_QUIET", "") not in ("", "0", "false", "no")
+    return ServeConfig(
+        directory=_directory(args, environ=environ),
+        listen=tuple(addresses),
+        tls_cert=Path(tls_cert) if tls_cert else None,
+        tls_key=Path(tls_key) if tls_key else None,
+        max_connections=max_connections,
+        log_format=log_format,
+        quiet=quiet,
+    )
+
+
+def parse_address(text: str, default_port: int) -> Tuple[str, int]:
+    """`host:port`, `[v6]:port`, `[v6]`, `host` or `:port` -> (host, port)."""
+    hint = "write HOST:PORT, [IPV6]:PORT or HOST, for example 127.0.0.1:9080 or [::1]:9080"
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise Fatal(f"bad listen address {text!r}", hint)
+        port_text = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif ":" in text:
+        raise Fatal(f"bad listen address {text!r}: an IPv6 address needs brackets", hint)
+    else:
+        host, port_text = text, None
+    host = host or DEFAULT_HOST
+    return host, (_port(port_text) if port_text is not None else default_port)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise Fatal(f"bad port {text!r}", "a port is a number from 0 to 65535, for example -p 9080")
+    return int(text)
+
+
+def _directory(args, environ=None, must_exist=True) -> Path:
+    text = args["--dir"] or (environ or os.environ).get("MINIMAL_REGISTRY_DIR") or DEFAULT_DIR
+    path = Path(text)
+    if must_exist:
+        if not path.is_dir():
+            raise Fatal(f"content directory {path} does not exist", "give the tree with -d DIR (or MINIMAL_REGISTRY_DIR)")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise Fatal(f"content directory {path} is not readable", "check its permissions")
+    return path
