@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=find_packages(include=["minimal_registry", "minimal_registry.*"]),
     install_requires=[
         # gevent 24.2 is the first release with the pywsgi behaviour the handler subclass relies

@@ -34,8 +34,12 @@ def manifests_dir(root: Path, name: str, namespace: Optional[str] = None) -> Pat
     return repository_dir(root, name, namespace) / MANIFESTS
 
 
+def shared_blobs_dir(root: Path) -> Path:
+    return root / BLOBS
+
+
 def shared_blob_path(root: Path, digest: str) -> Path:
-    return root / BLOBS / digest
+    return shared_blobs_dir(root) / digest
 
 
 def repository_blob_path(root: Path, name: str, digest: str, namespace: Optional[str] = None) -> Path:

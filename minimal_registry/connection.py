@@ -1,0 +1,183 @@
+"""One client connection under gevent: deadlines, zero-copy blob sending, the access log.
+
+`RegistryHandler` is gevent's `WSGIHandler` with what a registry facing real clients needs
+and pywsgi lacks (PROTOCOL.md, "gevent facts"):
+
+- an idle keep-alive timeout (longer than containerd's 30 s), and a deadline for reading
+  a request's line and headers once its first byte has arrived (slowloris);
+- a stall timeout on every send;
+- blobs sent with `os.sendfile` from the file to the socket, cooperatively: on
+  `BlockingIOError` the greenlet waits for the socket to become writable;
+- request bodies are never read (no endpoint takes one): the connection is closed after
+  answering instead of draining an arbitrarily large body;
+- one access-log line per request, as text or JSON;
+- a prompt JSON 400 for a request that cannot be parsed, and no traceback for a client
+  that goes away or stalls.
+"""
+
+import json
+import os
+import socket
+import time
+from datetime import datetime, timezone
+
+import gevent
+from gevent.pywsgi import Input, WSGIHandler
+from gevent.socket import wait_write
+
+from minimal_registry.app import SENDFILE_KEY
+from minimal_registry.errors import RegistryError
+
+
+class SendStalled(socket.timeout):
+    """The client read nothing for the whole send timeout."""
+
+
+class SendfileBody:
+    """A file slice for the handler to send with os.sendfile; what the app returns for a blob."""
+
+    def __init__(self, file, offset: int, length: int):
+        self.file, self.offset, self.length = file, offset, length
+
+    def __iter__(self):
+        # Only the handler below sends this; never iterated as bytes.
+        return iter(())
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _bad_request_response() -> bytes:
+    body = RegistryError(400, "UNSUPPORTED", "malformed HTTP request").body()
+    return (b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+BAD_REQUEST = _bad_request_response()
+
+
+class RegistryHandler(WSGIHandler):
+    _header_deadline = None
+    _has_body = False
+
+    # --- deadlines ------------------------------------------------------------------------
+
+    def handle_one_request(self):
+        server = self.server
+        if server.stopping:
+            return None
+        # Between requests the connection is idle: wait for the first byte of the next one
+        # no longer than the idle timeout. A shutdown may end this wait early.
+        self.socket.settimeout(server.idle_timeout)
+        server.idle.add(self)
+        try:
+            if not self.rfile.peek(1):
+                return None
+        except OSError:
+            return None
+        finally:
+            server.idle.discard(self)
+        if server.stopping:
+            return None
+        self._header_deadline = gevent.Timeout(server.header_timeout)
+        self._header_deadline.start()
+        try:
+            return super().handle_one_request()
+        except gevent.Timeout as timeout:
+            if timeout is not self._header_deadline:
+                raise
+            self.log_error("(from %s) request headers not received within %ss: connection closed",
+                           self.client_address, server.header_timeout)
+            return None
+        finally:
+            self._header_deadline.close()
+
+    def read_request(self, raw_requestline):
+        result = super().read_request(raw_requestline)
+        # The whole head is in: from here on, only sends can stall.
+        self._header_deadline.close()
+        self.socket.settimeout(self.server.send_timeout)
+        transfer_encoding = self.headers.get("transfer-encoding", "").lower()
+        self._has_body = bool(self.content_length) or "chunked" in transfer_encoding
+        if self._has_body or self.server.stopping:
+            self.close_connection = True
+        return result
+
+    def get_environ(self):
+        environ = super().get_environ()
+        if self._has_body:
+            # pywsgi drains an unread body before the next request; with the connection
+            # closing anyway, a zero-length input makes that a no-op.
+            self.wsgi_input = Input(self.rfile, 0)
+            environ["wsgi.input"] = self.wsgi_input
+        if not self.server.ssl_enabled:
+            # sendfile writes plain bytes to the socket: never under TLS.
+            environ[SENDFILE_KEY] = SendfileBody
+        return environ
+
+    # --- zero-copy sending ----------------------------------------------------------------
+
+    def process_result(self):
+        if not isinstance(self.result, SendfileBody):
+            return super().process_result()
+        self.write(b"")  # the status line and headers (Content-Length is exact)
+        self._sendfile(self.result)
+
+    def _sendfile(self, body: SendfileBody) -> None:
+        socket_fd = self.socket.fileno()
+        file_fd = body.file.fileno()
+        offset, left = body.offset, body.length
+        while left > 0:
+            try:
+                sent = os.sendfile(socket_fd, file_fd, offset, left)
+            except BlockingIOError:
+                wait_write(socket_fd, timeout=self.server.send_timeout,
+                           timeout_exc=SendStalled("client read nothing for %ss" % self.server.send_timeout))
+                continue
+            if sent == 0:
+                # The file is shorter than when it was looked up: the response cannot be
+                # completed, so end the connection rather than desynchronise it.
+                self.close_connection = True
+                return
+            offset += sent
+            left -= sent
+            self.response_length += sent
+
+    # --- errors ---------------------------------------------------------------------------
+
+    def handle_error(self, t, v, tb):
+        if isinstance(v, (socket.timeout, ConnectionError)):
+            # The client stalled or went away mid-response: nothing to answer, no traceback.
+            self.status = "%s (%s)" % (getattr(self, "_orig_status", None) or "000", v)
+            self.close_connection = True
+            return
+        super().handle_error(t, v, tb)
+
+    def _handle_client_error(self, ex):
+        super()._handle_client_error(ex)
+        return ("400", BAD_REQUEST)
+
+    # --- access log -----------------------------------------------------------------------
+
+    def log_request(self):
+        log = self.server.access_log
+        if log is None:
+            return
+        log.write(self.format_request() + "\n")
+
+    def format_request(self):
+        duration = (self.time_finish or time.time()) - self.time_start
+        client = self.client_address[0] if isinstance(self.client_address, tuple) else self.client_address
+        status = (self._orig_status or (self.status.decode("latin-1") if isinstance(self.status, bytes) else self.status) or "000").split()[0]
+        method = self.command or "-"
+        path = self.path or "-"
+        user_agent = self.headers.get("User-Agent", "-") if self.headers is not None else "-"
+        if self.server.log_format == "json":
+            return json.dumps({
+                "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                "client": client, "method": method, "path": path, "status": int(status) if status.isdigit() else status,
+                "bytes": self.response_length, "duration_ms": round(duration * 1000, 3), "user_agent": user_agent,
+            }, separators=(",", ":"))
+        stamp = datetime.now().astimezone().isoformat(timespec="seconds")
+        return '%s %s "%s %s" %s %d %.3fs "%s"' % (client or "-", stamp, method, path, status,
+                                                   self.response_length, duration, user_agent)
