@@ -347,22 +347,23 @@ class StandardTree:
 
     def all_tagged(self) -> List[Tagged]:
         """(name, tag, digest, namespace) of every tagged image and index in the tree."""
-        items: List[Manifestish] = [self.hello, self.multiarch, self.docker_list, self.deep,
-                                    self.plain_tag, self.no_media_type, self.namespaced,
-                                    self.unnamespaced_busybox]
-        if self.big is not None:
-            items.append(self.big)
-        return [Tagged(i.name, i.tag, i.digest, i.namespace) for i in items]
+        return [Tagged(i.name, i.tag, i.digest, i.namespace) for i in self.tagged_items()]
+
+    def tagged_items(self) -> List[Manifestish]:
+        items = (getattr(self, name) for name in TAGGED_FIELDS)
+        return [item for item in items if item is not None]
 
     def by_reference(self, name: str, tag: str, namespace: Optional[str] = None) -> Manifestish:
-        for item in self._items():
+        for item in self.tagged_items():
             if (item.name, item.tag, item.namespace) == (name, tag, namespace):
                 return item
-        raise KeyError(f"{namespace or ''}/{name}:{tag}")
+        raise KeyError(f"{namespace + '/' if namespace else ''}{name}:{tag}")
 
-    def _items(self) -> List[Manifestish]:
-        return [self.hello, self.multiarch, self.docker_list, self.deep, self.big, self.plain_tag,
-                self.no_media_type, self.namespaced, self.unnamespaced_busybox]
+
+# The StandardTree fields holding a tagged image or index: parameter names known before the
+# tree exists (pytest collects before session fixtures run).
+TAGGED_FIELDS = ("hello", "multiarch", "docker_list", "deep", "big", "plain_tag", "no_media_type",
+                 "namespaced", "unnamespaced_busybox")
 
 
 def build_standard_tree(root: Path, with_big: bool = True) -> StandardTree:
