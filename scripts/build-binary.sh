@@ -16,10 +16,11 @@
 #      machine's glibc;
 #   3. `staticx --no-compress`: bundles that glibc and the loader, so nothing is left to link
 #      at start ("not a dynamic executable"). No compression: it would double start-up.
+#      staticx is built from its pinned sdist with build/staticx-noexec.patch: its bootloader
+#      then refuses a noexec TMPDIR in one line that names the fix, instead of a bare EACCES.
 #   For the other architecture (arm64 on an amd64 machine, or the reverse), the same script
 #   runs steps 1-3 natively inside a Debian root of that architecture, made once with
 #   `debootstrap --arch` and kept in the cache, through qemu-user-static and binfmt_misc.
-#   staticx has no aarch64 wheel: there it builds from source (scons, gcc, musl-tools).
 #
 # Needs: Debian 12 (or a derivative), root (apt-get, debootstrap, chroot, mount), and access
 # to a Debian mirror and to PyPI (or the index pip is configured for). It installs the
@@ -58,9 +59,13 @@ BUILD_DEBIAN_MIRROR="${BUILD_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 BUILD_SUITE="${BUILD_SUITE:-bookworm}"
 BUILD_NO_APT="${BUILD_NO_APT:-}"
 
-# Debian packages for a native build, and the extra ones where staticx builds from source.
-NATIVE_PACKAGES=(python3.11 python3.11-venv libpython3.11 binutils patchelf ca-certificates)
-STATICX_SOURCE_PACKAGES=(scons gcc libc6-dev musl-tools)
+STATICX_PATCH="${ROOT_DIR}/build/staticx-noexec.patch"
+# The sdist of the staticx pinned in build/constraints.txt, as PyPI publishes it.
+STATICX_SDIST_SHA256="bf7d5d35d5777a72b2d4c408eb25f9c61049b28b94a388a012122dba00fffa93"
+
+# Debian packages for a native build (staticx's bootloader builds with scons and musl-gcc).
+NATIVE_PACKAGES=(python3.11 python3.11-venv libpython3.11 binutils patchelf ca-certificates
+    scons gcc libc6-dev musl-tools patch)
 # Debian packages on this machine for a foreign build.
 FOREIGN_HOST_PACKAGES=(debootstrap qemu-user-static binfmt-support)
 
@@ -73,6 +78,7 @@ fatal() {
     exit 1
 }
 
+# shellcheck disable=SC2317  # run by `trap cleanup EXIT`
 cleanup() {
     local code=$?
     if [ -n "${TMP_DIR:-}" ] && [ -d "${TMP_DIR}" ]; then
@@ -141,11 +147,6 @@ install_packages() {
 
 # --- native build ------------------------------------------------------------------------
 
-# staticx publishes x86_64 wheels only; elsewhere pip builds it (and its bootloader) here.
-staticx_from_source() {
-    [ "${MACHINE}" != x86_64 ]
-}
-
 setup_pip_env() {
     export PIP_DISABLE_PIP_VERSION_CHECK=1
     export PIP_CACHE_DIR="${BUILD_CACHE_DIR}/pip"
@@ -162,7 +163,8 @@ ensure_venv() {
     case "$(readlink -f "${BUILD_PYTHON}")" in
         */.pyenv/*) fatal "${BUILD_PYTHON} is a pyenv build; use the distribution's /usr/bin/python3.11" ;;
     esac
-    stamp="$("${BUILD_PYTHON}" -c 'import sys; print(sys.version)' | tr -d '\n'; sha256sum "${CONSTRAINTS}" | cut -d' ' -f1)"
+    stamp="$("${BUILD_PYTHON}" -c 'import sys; print(sys.version)' | tr -d '\n'
+        sha256sum "${CONSTRAINTS}" "${STATICX_PATCH}" | cut -d' ' -f1 | tr '\n' ' ')"
     if [ -f "${VENV}/.stamp" ] && [ "$(cat "${VENV}/.stamp")" = "${stamp}" ]; then
         info "Reusing the build venv ${VENV}"
         return 0
@@ -171,16 +173,35 @@ ensure_venv() {
     rm -rf -- "${VENV}"
     mkdir -p "${BUILD_CACHE_DIR}"
     "${BUILD_PYTHON}" -m venv "${VENV}"
-    # staticx's setup.py needs these importable when it builds without isolation.
-    "${VENV}/bin/pip" install -q --only-binary=:all: -c "${CONSTRAINTS}" setuptools wheel
-    local source_build=()
-    if staticx_from_source; then
-        source_build=(--no-binary=staticx --no-build-isolation)
-    fi
-    "${VENV}/bin/pip" install -q --only-binary=:all: "${source_build[@]}" -c "${CONSTRAINTS}" \
+    # Wheels only: nothing but staticx compiles, so the pins alone decide what is bundled.
+    "${VENV}/bin/pip" install -q --only-binary=:all: -c "${CONSTRAINTS}" \
         gevent greenlet zope.event zope.interface docopt-ng zstandard \
-        pyinstaller pyinstaller-hooks-contrib altgraph packaging staticx pyelftools
+        pyinstaller pyinstaller-hooks-contrib altgraph packaging pyelftools setuptools wheel
+    install_staticx
     echo "${stamp}" >"${VENV}/.stamp"
+}
+
+# staticx from its pinned sdist (checked against its published sha256), patched, built here:
+# its setup.py compiles the bootloader with scons and musl-gcc.
+install_staticx() {
+    local version sdist source
+    version="$(sed -n 's/^staticx==//p' "${CONSTRAINTS}")"
+    [ -n "${version}" ] || fatal "no staticx==VERSION line in ${CONSTRAINTS}"
+    sdist="${BUILD_CACHE_DIR}/sources/staticx-${version}.tar.gz"
+    if [ ! -f "${sdist}" ]; then
+        "${VENV}/bin/pip" download -q --no-deps --no-binary=:all: \
+            -d "${BUILD_CACHE_DIR}/sources" "staticx==${version}"
+    fi
+    echo "${STATICX_SDIST_SHA256}  ${sdist}" | sha256sum -c --quiet - ||
+        fatal "${sdist} does not match STATICX_SDIST_SHA256 (a new pin needs its hash and a patch check)"
+    tar -xzf "${sdist}" -C "${TMP_DIR}"
+    source="${TMP_DIR}/staticx-${version}"
+    patch --quiet --forward -p1 -d "${source}" <"${STATICX_PATCH}" ||
+        fatal "${STATICX_PATCH} does not apply to staticx ${version}"
+    info "Building staticx ${version} (patched bootloader)"
+    # musl, as in staticx's own wheels: a bootloader on static glibc can crash in NSS.
+    BOOTLOADER_CC=musl-gcc "${VENV}/bin/pip" install -q --no-deps --no-build-isolation \
+        -c "${CONSTRAINTS}" "${source}"
 }
 
 source_date_epoch() {
@@ -239,9 +260,6 @@ publish() {
 
 build_native() {
     install_packages "${NATIVE_PACKAGES[@]}"
-    if staticx_from_source; then
-        install_packages "${STATICX_SOURCE_PACKAGES[@]}"
-    fi
     setup_pip_env
     ensure_venv
     source_date_epoch
@@ -273,7 +291,7 @@ ensure_binfmt() {
 ensure_root() {
     FOREIGN_ROOT="${BUILD_CACHE_DIR}/rootfs-${BUILD_SUITE}-${ARCH}"
     local include
-    include="$(IFS=,; echo "${NATIVE_PACKAGES[*]},${STATICX_SOURCE_PACKAGES[*]}")"
+    include="$(IFS=,; echo "${NATIVE_PACKAGES[*]}")"
     if [ -f "${FOREIGN_ROOT}/.complete" ]; then
         info "Reusing the ${ARCH} root ${FOREIGN_ROOT}"
         return 0
@@ -336,11 +354,16 @@ build_foreign() {
 
 # --- main --------------------------------------------------------------------------------
 
-parse_args "$@"
-TMP_DIR="$(mktemp -d)"
-trap cleanup EXIT
-if [ "${ARCH}" = "${HOST_ARCH}" ]; then
-    build_native
-else
-    build_foreign
-fi
+main() {
+    parse_args "$@"
+    TMP_DIR="$(mktemp -d)"
+    trap cleanup EXIT
+    if [ "${ARCH}" = "${HOST_ARCH}" ]; then
+        build_native
+    else
+        build_foreign
+    fi
+}
+
+# One line, read whole before it runs: editing this file during a build cannot derail it.
+main "$@"; exit
