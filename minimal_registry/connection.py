@@ -54,6 +54,9 @@ def _bad_request_response() -> bytes:
 
 
 BAD_REQUEST = _bad_request_response()
+# After a final error answer: how long, and how much, to read from a client still sending.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1024 * 1024
 
 
 class RegistryHandler(WSGIHandler):
@@ -82,7 +85,7 @@ class RegistryHandler(WSGIHandler):
         self._header_deadline = gevent.Timeout(server.header_timeout)
         self._header_deadline.start()
         try:
-            return super().handle_one_request()
+            result = super().handle_one_request()
         except gevent.Timeout as timeout:
             if timeout is not self._header_deadline:
                 raise
@@ -91,6 +94,43 @@ class RegistryHandler(WSGIHandler):
             return None
         finally:
             self._header_deadline.close()
+        if isinstance(result, tuple):
+            # pywsgi's answer to a request it could not parse (400, 414).
+            self.status, response = result
+            self._answer_and_close(response)
+            return None
+        if self._has_body:
+            self._linger()
+        return result
+
+    def _answer_and_close(self, response: bytes) -> None:
+        """Send a final answer, then read (and drop) what the client still sends for a moment.
+
+        Closing with unread request bytes in the kernel's buffer makes it send a reset, which
+        can destroy the answer before the client reads it (RFC 9112 section 9.6).
+        """
+        try:
+            self.socket.sendall(response)
+            self.response_length = len(response)
+        except OSError:
+            return
+        self.time_finish = time.time()
+        self.log_request()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Half-close, then drop what the client still sends, for a moment, before closing."""
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+            self.socket.settimeout(LINGER_SECONDS)
+            drained = 0
+            while drained < LINGER_BYTES:
+                chunk = self.socket.recv(65536)
+                if not chunk:
+                    break
+                drained += len(chunk)
+        except OSError:
+            pass
 
     def read_request(self, raw_requestline):
         result = super().read_request(raw_requestline)
@@ -114,6 +154,11 @@ class RegistryHandler(WSGIHandler):
             # sendfile writes plain bytes to the socket: never under TLS.
             environ[SENDFILE_KEY] = SendfileBody
         return environ
+
+    def finalize_headers(self):
+        super().finalize_headers()
+        if self.close_connection and not any(name.lower() == b"connection" for name, _ in self.response_headers):
+            self.response_headers.append((b"Connection", b"close"))
 
     # --- zero-copy sending ----------------------------------------------------------------
 
@@ -154,7 +199,10 @@ class RegistryHandler(WSGIHandler):
         super().handle_error(t, v, tb)
 
     def _handle_client_error(self, ex):
-        super()._handle_client_error(ex)
+        # pywsgi prints a traceback for some client mistakes (over 100 headers); one line is
+        # all a malformed request deserves.
+        self.log_error("(from %s) malformed request: %s", self.client_address,
+                       getattr(ex, "formatted_message", None) or str(ex) or type(ex).__name__)
         return ("400", BAD_REQUEST)
 
     # --- access log -----------------------------------------------------------------------

@@ -1,0 +1,205 @@
+"""The registry process over real sockets: framing, keep-alive, big blobs, hostile input,
+slow and vanishing clients (PROTOCOL.md P1-P21)."""
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from httpraw import connect, raw, request, sha256_of_body, status_of
+
+MISSING = "sha256:" + "0" * 64
+
+
+def test_head_and_get_share_headers_and_keep_alive_survives_head(registry, full_tree):
+    """A HEAD answer with a wrong framing would corrupt the next response on the connection."""
+    image = full_tree.hello
+    layer = image.layers[0]
+    connection = connect(registry)
+    try:
+        answers = []
+        for method, path in [("HEAD", f"/v2/library/hello/manifests/latest?ns=docker.io"),
+                             ("GET", f"/v2/library/hello/manifests/latest?ns=docker.io"),
+                             ("HEAD", f"/v2/library/hello/blobs/{layer.digest}"),
+                             ("GET", f"/v2/library/hello/blobs/{layer.digest}"),
+                             ("HEAD", f"/v2/library/hello/manifests/nope"),
+                             ("GET", "/v2/")]:
+            connection.request(method, path)
+            response = connection.getresponse()
+            answers.append((response.status, dict(response.getheaders()), response.read()))
+    finally:
+        connection.close()
+    (s1, h1, b1), (s2, h2, b2), (s3, h3, b3), (s4, h4, b4), (s5, h5, b5), (s6, _h6, b6) = answers
+    assert (s1, s2, s3, s4, s5, s6) == (200, 200, 200, 200, 404, 200)
+    assert b1 == b"" and b2 == image.data and b3 == b"" and b4 == layer.data and b5 == b"" and b6 == b"{}"
+    for head, get in ((h1, h2), (h3, h4)):
+        head.pop("Date"), get.pop("Date")
+        assert head == get
+    assert h2["Content-Length"] == str(len(image.data)) and h2["Docker-Content-Digest"] == image.digest
+    assert h4["Content-Length"] == str(layer.size) and "Transfer-Encoding" not in h4
+    assert int(h5["Content-Length"]) > 0 and h5["Content-Type"] == "application/json"
+
+
+def test_base_endpoint_announces_the_api_version(registry):
+    status, headers, body = request(registry, "GET", "/v2/")
+    assert (status, body) == (200, b"{}")
+    assert headers["Docker-Distribution-API-Version"] == "registry/2.0"
+
+
+def test_big_blob_arrives_whole_and_resumes_from_an_offset(registry, full_tree):
+    layer = full_tree.big.layers[0]
+    assert layer.size > 64 * 1024 * 1024
+    path = f"/v2/big/blob/blobs/{layer.digest}"
+    status, digest, size = sha256_of_body(registry, path)
+    assert (status, digest, size) == (200, layer.digest, layer.size)
+    # containerd resumes a short read with `Range: bytes=<offset>-`.
+    offset = layer.size - 1234567
+    status, _digest, size = sha256_of_body(registry, path, {"Range": f"bytes={offset}-"})
+    assert (status, size) == (206, 1234567)
+    status, headers, body = request(registry, "GET", path, {"Range": "bytes=-10"})
+    assert status == 206 and headers["Content-Range"] == f"bytes {layer.size - 10}-{layer.size - 1}/{layer.size}"
+    assert len(body) == 10
+
+
+def test_unsatisfiable_range_is_416_with_the_size(registry, full_tree):
+    layer = full_tree.hello.layers[0]
+    status, headers, body = request(registry, "GET", f"/v2/library/hello/blobs/{layer.digest}",
+                                    {"Range": f"bytes={layer.size}-"})
+    assert status == 416 and headers["Content-Range"] == f"bytes */{layer.size}"
+    assert b"RANGE_INVALID" in body
+
+
+@pytest.mark.parametrize("line", [
+    b"GARBAGE\r\n\r\n",
+    b"GET\r\n\r\n",
+    b"GET /v2/ HTTP/9.9\r\n\r\n",
+    b"GET /v2/ HTTP/1.x\r\n\r\n",
+    b"\x00\x01\x02\x03 / HTTP/1.1\r\n\r\n",
+    b"GET /v2/\x00 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /v2/ HTTP/1.1\r\nContent-Length: nope\r\n\r\n",
+    b"HEAD /v2/ HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+])
+def test_junk_gets_a_prompt_client_error_never_500(registry, line):
+    answer = raw(registry, line, timeout=5)
+    assert answer.startswith(b"HTTP/1.1 4"), answer[:200]
+
+
+def test_a_10kb_path_and_a_100kb_header_are_refused_cleanly(registry):
+    assert status_of(raw(registry, b"GET /v2/" + b"a" * 10240 + b"/manifests/latest HTTP/1.1\r\n\r\n")) == 414
+    assert status_of(raw(registry, b"GET /v2/ HTTP/1.1\r\nX-Big: " + b"a" * 102400 + b"\r\n\r\n")) == 400
+    many = b"".join(b"X-H%d: v\r\n" % i for i in range(200))
+    assert status_of(raw(registry, b"GET /v2/ HTTP/1.1\r\n" + many + b"\r\n")) == 400
+    # ... and the server is still there.
+    assert request(registry, "GET", "/v2/")[0] == 200
+
+
+TRAVERSALS = [
+    "/v2/../../../../etc/passwd",
+    "/v2/%2e%2e/%2e%2e/%2e%2e/etc/manifests/passwd",
+    "/v2/library/hello/manifests/..%2f..%2f..%2f..%2fsecret",
+    "/v2/library/hello/manifests/%2e%2e%2f%2e%2e%2fsecret",
+    "/v2/library/hello/blobs/..%2f..%2fsecret",
+    "/v2/library/%252e%252e/manifests/latest",
+    "/v2/library/hello/manifests/%00latest",
+    "/v2/library/hello/manifests/latest%00",
+    "/v2/..%5c..%5csecret/manifests/x",
+    "/v2/%c0%ae%c0%ae/%c0%ae%c0%ae/manifests/secret",
+    "/v2/%ef%bc%8e%ef%bc%8e/manifests/secret",
+    "/v2//etc/manifests/passwd",
+    "/v2/library/hello/manifests/latest?ns=../../..",
+    "/v2/library/hello/manifests/latest?ns=%2e%2e%2f%2e%2e",
+    "/v2/library/hello/manifests/latest?ns=/",
+]
+
+
+@pytest.mark.parametrize("path", TRAVERSALS)
+def test_path_traversal_never_escapes_the_tree(registry, full_tree, path):
+    secret = full_tree.root.parent / "secret"
+    secret.write_text("TOP SECRET")
+    status, _headers, body = request(registry, "GET", path)
+    assert b"TOP SECRET" not in body and b"root:" not in body
+    if "?ns=" in path:
+        # A namespace that is not a host is ignored: the plain repository answers.
+        assert (status, body) == (200, full_tree.hello.data)
+    else:
+        assert status in (400, 404), (status, body)
+
+
+def tree_snapshot(root):
+    snapshot = {}
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(directory, name)
+            st = os.lstat(path)
+            snapshot[path] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    return snapshot
+
+
+@pytest.mark.parametrize("method", ["PUT", "POST", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT", "PROPFIND", "MKCOL"])
+def test_every_method_but_get_and_head_is_405_and_changes_nothing(registry, full_tree, method):
+    before = tree_snapshot(full_tree.root)
+    layer = full_tree.hello.layers[0]
+    for path in ["/v2/", "/v2/library/hello/manifests/latest", f"/v2/library/hello/blobs/{layer.digest}",
+                 "/v2/library/hello/blobs/uploads/", "/v2/new/repo/manifests/v1", "/anything"]:
+        status, headers, body = request(registry, method, path, body=b'{"schemaVersion":2}')
+        assert status == 405 and headers["Allow"] == "GET, HEAD" and b"UNSUPPORTED" in body
+    assert tree_snapshot(full_tree.root) == before
+
+
+def test_a_large_upload_is_not_read_but_answered(registry):
+    """A 405 for a PUT must not wait for (or drain) a body it will never use."""
+    host, port = registry.host_port.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"PUT /v2/x/blobs/uploads/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\n")
+        sock.sendall(b"x" * 65536)
+        answer = sock.recv(65536)
+    assert status_of(answer) == 405 and b"Connection: close" in answer
+
+
+def fd_count(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_clients_vanishing_mid_blob_leak_nothing(registry, full_tree):
+    layer = full_tree.big.layers[0]
+    request(registry, "GET", "/v2/")
+    baseline = fd_count(registry.process.pid)
+    host, port = registry.host_port.rsplit(":", 1)
+    request_bytes = f"GET /v2/big/blob/blobs/{layer.digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+
+    def vanish():
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(request_bytes)
+            sock.recv(65536)  # the headers and a little body, then hang up
+
+    threads = [threading.Thread(target=vanish) for _ in range(200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    deadline = time.monotonic() + 20
+    while fd_count(registry.process.pid) > baseline and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert fd_count(registry.process.pid) <= baseline
+    status, digest, _size = sha256_of_body(registry, f"/v2/library/hello/blobs/{full_tree.hello.layers[0].digest}")
+    assert (status, digest) == (200, full_tree.hello.layers[0].digest)
+    assert "Traceback" not in registry.log()
+
+
+def test_an_idle_keep_alive_connection_is_kept_over_30_seconds(registry):
+    """containerd reuses idle connections for up to 30 s."""
+    connection = connect(registry, timeout=10)
+    try:
+        connection.request("GET", "/v2/")
+        connection.getresponse().read()
+        sock = connection.sock
+        time.sleep(32)
+        connection.request("GET", "/v2/")
+        response = connection.getresponse()
+        assert response.status == 200 and response.read() == b"{}"
+        assert connection.sock is sock  # the same connection, not a silent reconnect
+    finally:
+        connection.close()
