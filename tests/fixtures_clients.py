@@ -18,7 +18,7 @@ from imagetree import StandardTree, build_standard_tree
 from serverproc import RunningRegistry, running_registry
 
 __all__ = ["standard_tree", "tree_registry", "containerd_daemon", "containerd", "certs_dirs",
-           "skopeo_available"]
+           "skopeo_available", "tls_registry", "tls_certs_dirs"]
 
 
 @pytest.fixture(scope="session")
@@ -80,3 +80,26 @@ def skopeo_available() -> None:
     reason = clients.skopeo_missing()
     if reason:
         pytest.fail(f"cannot test with skopeo: {reason}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def tls_registry(standard_tree: StandardTree, tmp_path_factory) -> Iterator[RunningRegistry]:
+    """The same tree over HTTPS, with a self-signed certificate for 127.0.0.1."""
+    directory = tmp_path_factory.mktemp("tls")
+    certificate, key = clients.make_self_signed_certificate(directory)
+    with running_registry(standard_tree.root, "--tls-cert", str(certificate), "--tls-key", str(key),
+                          log_path=directory / "registry.log") as registry:
+        registry.certificate = certificate
+        yield registry
+
+
+@pytest.fixture(scope="session")
+def tls_certs_dirs(tls_registry: RunningRegistry, tmp_path_factory) -> Dict[str, Path]:
+    """form -> certs.d for `configs: {127.0.0.1:PORT: {tls: {ca_file: ...}}}` in registries.yaml."""
+    dirs = {}
+    for form in clients.HOSTS_TOML_FORMS:
+        certs_d = tmp_path_factory.mktemp(f"tls-certs.d-{form}")
+        clients.write_hosts_toml(certs_d, clients.MIRRORED_HOST, tls_registry.url, form=form,
+                                 ca_file=tls_registry.certificate)
+        dirs[form] = certs_d
+    return dirs
