@@ -1,0 +1,532 @@
+#!/usr/bin/env bash
+# make-airgap-media.sh: on a connected host, write everything an air-gapped K3s node needs
+# onto removable media (a mounted USB stick, a directory to burn), for one architecture.
+#
+#   scripts/make-airgap-media.sh -o DIR (-r REGISTRY_DIR | -b BUNDLE) [OPTIONS]
+#
+# The media then holds, and nothing else of ours:
+#   install.sh               K3s's installer
+#   k3s                      the K3s binary for the architecture
+#   registry.tar.gz          the content tree as registry/ (registry.tar.zst with --zstd):
+#                            sorted names, owner 0, fixed mtime, `gzip -n`, so the same tree
+#                            gives the same bytes
+#   minimal-registry         the registry binary for the architecture
+#   minimal-registry.service its systemd unit
+#   registries.yaml          for /etc/rancher/k3s/
+#   install-node.sh          what the operator runs on the node
+#   README.txt               the node's steps
+#   SHA256SUMS               sha256 of every file above; install-node.sh checks it first
+#
+# Before writing, it checks that every input exists and is for the architecture (ELF header),
+# that the content tree passes `minimal-registry verify --fast` (a bundle: that it is a
+# complete archive of registry/), and that the media has room. Files are written under a
+# temporary name on the media and renamed; a re-run replaces only the files whose bytes
+# changed (and says "nothing to do" when none did), then syncs the media.
+#
+# Options:
+#   -o DIR           the media directory (created if missing)
+#   -r DIR           the content tree to pack (from download-system-images.sh)
+#   -b FILE          an existing bundle (registry.tar.gz or registry.tar.zst) to copy as is
+#   --arch ARCH      amd64 or arm64 (default: this host's)
+#   -v VERSION       K3s version, e.g. v1.31.4+k3s1, or stable / latest (resolved through
+#                    the channel server; needs --download). Names the download and README.txt
+#   -k FILE          the k3s binary (default: the download cache's, see --download)
+#   -i FILE          K3s's install.sh (default: the download cache's)
+#   -m FILE          the minimal-registry binary (default: dist/minimal-registry-linux-ARCH)
+#   -y FILE          registries.yaml (default: the one beside the tree or bundle, as
+#                    download-system-images.sh writes it; else packaging/registries.yaml)
+#   --zstd           write registry.tar.zst (needs zstd here, and on the node)
+#   --download       fetch what is missing of k3s, sha256sum-ARCH.txt and install.sh into the
+#                    cache, and check k3s against sha256sum-ARCH.txt (a -k file too)
+#   --cache DIR      the download cache (default: ${XDG_CACHE_HOME:-~/.cache}/minimal-registry/k3s)
+#   --allow-script   accept a script as minimal-registry (development and tests: the node then
+#                    needs its interpreter)
+#   -h, --help       show this help
+#
+# Environment:
+#   K3S_RELEASE_URL            release downloads; files are K3S_RELEASE_URL/VERSION/NAME
+#                              (default: https://github.com/k3s-io/k3s/releases/download)
+#   K3S_CHANNEL_URL            channel server resolving stable / latest
+#                              (default: https://update.k3s.io/v1-release/channels)
+#   K3S_INSTALL_SCRIPT_URL     install.sh (default: https://get.k3s.io)
+#   K3S_INSTALL_SCRIPT_SHA256  the sha256 install.sh must have; K3s publishes none, so
+#                              without it the script is only checked to be a shell script
+#   MINIMAL_REGISTRY_BIN       a minimal-registry runnable on this host, for `verify`
+#                              (default: -m's binary when it runs here, else minimal-registry
+#                              on PATH, else `python3 -m minimal_registry` from this checkout)
+#   PYTHON                     the python3 for that last case (default: python3)
+#   SOURCE_DATE_EPOCH          mtime of every archive member (default: 0)
+#   TMPDIR                     scratch space (small files only)
+#
+# Exit status: 0 written (or nothing to do), 1 failed (one line on stderr says why).
+
+set -o errexit -o nounset -o pipefail
+
+ROOT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+readonly ROOT_DIR
+readonly DEFAULT_RELEASE_URL=https://github.com/k3s-io/k3s/releases/download
+readonly DEFAULT_CHANNEL_URL=https://update.k3s.io/v1-release/channels
+readonly DEFAULT_INSTALL_SCRIPT_URL=https://get.k3s.io
+
+OUT=
+TREE=
+BUNDLE=
+ARCH=
+VERSION=
+K3S_BIN=
+INSTALL_SH=
+REGISTRY_BIN=
+REGISTRIES_YAML=
+ZSTD=false
+DOWNLOAD=false
+CACHE=
+ALLOW_SCRIPT=false
+ARCHIVE=
+TMP_DIR=
+STAGE=
+REGISTRY_TOOL=()
+WRITTEN=()
+
+# --- helpers ---
+info() { printf '[INFO]  %s\n' "$*" >&2; }
+warn() { printf '[WARN]  %s\n' "$*" >&2; }
+fatal() {
+    printf '[ERROR] %s\n' "$*" >&2
+    exit 1
+}
+
+usage() {
+    sed -n '2,/^$/{s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
+}
+
+cleanup() {
+    local code=$?
+    trap - EXIT
+    [ -z "${STAGE}" ] || rm -rf -- "${STAGE}"
+    [ -z "${TMP_DIR}" ] || rm -rf -- "${TMP_DIR}"
+    exit "${code}"
+}
+
+need_value() {
+    [ "$2" -ge 2 ] || fatal "$1 needs a value (see --help)"
+}
+
+# --- step: arguments ---
+parse_args() {
+    while [ "$#" -gt 0 ]; do
+        case "$1" in
+            -o) need_value "$1" "$#"; OUT=$2; shift ;;
+            -r) need_value "$1" "$#"; TREE=$2; shift ;;
+            -b) need_value "$1" "$#"; BUNDLE=$2; shift ;;
+            --arch) need_value "$1" "$#"; ARCH=$2; shift ;;
+            --arch=*) ARCH=${1#*=} ;;
+            -v) need_value "$1" "$#"; VERSION=$2; shift ;;
+            -k) need_value "$1" "$#"; K3S_BIN=$2; shift ;;
+            -i) need_value "$1" "$#"; INSTALL_SH=$2; shift ;;
+            -m) need_value "$1" "$#"; REGISTRY_BIN=$2; shift ;;
+            -y) need_value "$1" "$#"; REGISTRIES_YAML=$2; shift ;;
+            --zstd) ZSTD=true ;;
+            --download) DOWNLOAD=true ;;
+            --cache) need_value "$1" "$#"; CACHE=$2; shift ;;
+            --cache=*) CACHE=${1#*=} ;;
+            --allow-script) ALLOW_SCRIPT=true ;;
+            -h | --help) usage; exit 0 ;;
+            *) fatal "unknown argument '$1' (see --help)" ;;
+        esac
+        shift
+    done
+    [ -n "${OUT}" ] || fatal "give the media directory with -o DIR"
+    if [ -n "${TREE}" ] && [ -n "${BUNDLE}" ]; then
+        fatal "give either a content tree (-r DIR) or a bundle (-b FILE), not both"
+    fi
+    [ -n "${TREE}${BUNDLE}" ] || fatal "give the content tree with -r DIR (or a bundle with -b FILE)"
+    if [ -z "${ARCH}" ]; then
+        case "$(uname -m)" in
+            x86_64) ARCH=amd64 ;;
+            aarch64) ARCH=arm64 ;;
+            *) fatal "cannot tell the architecture from $(uname -m): give --arch amd64|arm64" ;;
+        esac
+    fi
+    case "${ARCH}" in
+        amd64 | arm64) ;;
+        *) fatal "--arch must be amd64 or arm64, not '${ARCH}'" ;;
+    esac
+    if [ -z "${VERSION}" ] && [ "${DOWNLOAD}" = true ]; then
+        VERSION=stable
+    fi
+    case "${VERSION}" in
+        "" | stable | latest | v[0-9]*) ;;
+        *) fatal "-v takes a K3s version like v1.31.4+k3s1, or stable or latest; not '${VERSION}'" ;;
+    esac
+    if [ "${VERSION}" = stable ] || [ "${VERSION}" = latest ]; then
+        [ "${DOWNLOAD}" = true ] || fatal "-v ${VERSION} is resolved through the network: add --download, or give the version"
+    fi
+    CACHE=${CACHE:-${XDG_CACHE_HOME:-${HOME}/.cache}/minimal-registry/k3s}
+    REGISTRY_BIN=${REGISTRY_BIN:-${ROOT_DIR}/dist/minimal-registry-linux-${ARCH}}
+}
+
+# --- step: tools ---
+verify_tools() {
+    local tool
+    for tool in tar gzip sha256sum cmp od df find; do
+        command -v "${tool}" >/dev/null 2>&1 || fatal "${tool} is needed and not installed"
+    done
+    tar --version 2>/dev/null | grep -q 'GNU tar' || fatal "GNU tar is needed (for --sort=name)"
+    if [ "${ZSTD}" = true ] && [ -n "${TREE}" ]; then
+        command -v zstd >/dev/null 2>&1 || fatal "--zstd needs zstd (apt-get install zstd)"
+    fi
+    if [ "${DOWNLOAD}" = true ]; then
+        command -v curl >/dev/null 2>&1 || command -v wget >/dev/null 2>&1 \
+            || fatal "--download needs curl or wget"
+    fi
+}
+
+# The ELF machine of a file: amd64, arm64, or what it is otherwise.
+elf_arch() {
+    local header
+    header=$(od -An -tx1 -N20 -v -- "$1" 2>/dev/null | tr -d ' \n')
+    case "${header}" in
+        7f454c46020101*) ;;
+        7f454c46*) printf 'elf-other'; return ;;
+        *) printf 'not-elf'; return ;;
+    esac
+    case "${header:36:4}" in
+        3e00) printf 'amd64' ;;
+        b700) printf 'arm64' ;;
+        *) printf 'elf-%s' "${header:36:4}" ;;
+    esac
+}
+
+sha256_of() {
+    local sum
+    sum=$(sha256sum -- "$1")
+    printf '%s' "${sum%% *}"
+}
+
+# --- step: downloads ---
+fetch() {
+    local url=$1 dest=$2
+    info "downloading ${url}"
+    if command -v curl >/dev/null 2>&1; then
+        curl --fail --silent --show-error --location --retry 3 --connect-timeout 20 \
+            -o "${dest}" -- "${url}" || fatal "download failed: ${url}"
+    else
+        wget -q -O "${dest}" -- "${url}" || fatal "download failed: ${url}"
+    fi
+}
+
+resolve_version() {
+    case "${VERSION}" in
+        stable | latest) ;;
+        *) return 0 ;;
+    esac
+    local url=${K3S_CHANNEL_URL:-${DEFAULT_CHANNEL_URL}}/${VERSION} effective
+    command -v curl >/dev/null 2>&1 || fatal "resolving -v ${VERSION} needs curl; give the version instead"
+    effective=$(curl --fail --silent --show-error --location --max-time 60 \
+        -o /dev/null -w '%{url_effective}' -- "${url}") || fatal "cannot resolve the ${VERSION} K3s version from ${url}"
+    effective=${effective##*/}
+    effective=${effective//%2B/+}
+    case "${effective}" in
+        v[0-9]*) ;;
+        *) fatal "the channel ${url} did not lead to a version (got '${effective}')" ;;
+    esac
+    info "K3s ${VERSION} is ${effective}"
+    VERSION=${effective}
+}
+
+# The name K3s releases the binary under for ARCH.
+k3s_asset() {
+    if [ "${ARCH}" = amd64 ]; then printf 'k3s'; else printf 'k3s-%s' "${ARCH}"; fi
+}
+
+# Fill the cache with whatever is missing of k3s, its checksums and install.sh; check k3s.
+download_release() {
+    local dir asset release sums expected line
+    [ "${DOWNLOAD}" = true ] || return 0
+    resolve_version
+    dir=${CACHE}/${VERSION}/${ARCH}
+    mkdir -p -- "${dir}"
+    asset=$(k3s_asset)
+    release=${K3S_RELEASE_URL:-${DEFAULT_RELEASE_URL}}/${VERSION//+/%2B}
+    sums=${dir}/sha256sum-${ARCH}.txt
+    if [ ! -s "${sums}" ]; then
+        fetch "${release}/sha256sum-${ARCH}.txt" "${TMP_DIR}/sums"
+        mv -- "${TMP_DIR}/sums" "${sums}"
+    fi
+    line=$(grep -E "^[0-9a-f]{64}[[:blank:]]+\*?${asset}\$" "${sums}" | head -n 1) || true
+    expected=${line%%[[:blank:]]*}
+    [ -n "${expected}" ] || fatal "${sums} lists no ${asset}: is ${VERSION} a K3s release?"
+
+    K3S_BIN=${K3S_BIN:-${dir}/${asset}}
+    if [ ! -f "${K3S_BIN}" ]; then
+        fetch "${release}/${asset}" "${TMP_DIR}/k3s"
+        local actual
+        actual=$(sha256_of "${TMP_DIR}/k3s")
+        [ "${actual}" = "${expected}" ] \
+            || fatal "checksum mismatch for ${release}/${asset}: sha256 ${actual}, sha256sum-${ARCH}.txt says ${expected}"
+        chmod 0755 -- "${TMP_DIR}/k3s"
+        mv -- "${TMP_DIR}/k3s" "${K3S_BIN}"
+    fi
+    local actual
+    actual=$(sha256_of "${K3S_BIN}")
+    [ "${actual}" = "${expected}" ] \
+        || fatal "checksum mismatch: ${K3S_BIN} has sha256 ${actual}, sha256sum-${ARCH}.txt of ${VERSION} says ${expected}"
+    info "k3s ${VERSION} ${ARCH} matches sha256sum-${ARCH}.txt"
+
+    INSTALL_SH=${INSTALL_SH:-${CACHE}/${VERSION}/install.sh}
+    if [ ! -f "${INSTALL_SH}" ]; then
+        fetch "${K3S_INSTALL_SCRIPT_URL:-${DEFAULT_INSTALL_SCRIPT_URL}}" "${TMP_DIR}/install.sh"
+        verify_install_script "${TMP_DIR}/install.sh"
+        mv -- "${TMP_DIR}/install.sh" "${INSTALL_SH}"
+    fi
+}
+
+verify_install_script() {
+    local script=$1 actual
+    if [ -n "${K3S_INSTALL_SCRIPT_SHA256:-}" ]; then
+        actual=$(sha256_of "${script}")
+        [ "${actual}" = "${K3S_INSTALL_SCRIPT_SHA256}" ] \
+            || fatal "checksum mismatch for install.sh: sha256 ${actual}, K3S_INSTALL_SCRIPT_SHA256 says ${K3S_INSTALL_SCRIPT_SHA256}"
+    fi
+    [ "$(head -c 2 -- "${script}")" = '#!' ] || fatal "${script} is not a shell script (an error page?)"
+}
+
+# --- step: inputs ---
+verify_inputs() {
+    if [ -z "${K3S_BIN}" ]; then
+        if [ -n "${VERSION}" ] && [ -f "${CACHE}/${VERSION}/${ARCH}/$(k3s_asset)" ]; then
+            K3S_BIN=${CACHE}/${VERSION}/${ARCH}/$(k3s_asset)
+        else
+            fatal "no k3s binary: give -k FILE, or -v VERSION --download"
+        fi
+    fi
+    if [ -z "${INSTALL_SH}" ]; then
+        if [ -n "${VERSION}" ] && [ -f "${CACHE}/${VERSION}/install.sh" ]; then
+            INSTALL_SH=${CACHE}/${VERSION}/install.sh
+        else
+            fatal "no install.sh: give -i FILE, or --download"
+        fi
+    fi
+    [ -f "${K3S_BIN}" ] || fatal "k3s binary ${K3S_BIN} does not exist"
+    [ -f "${INSTALL_SH}" ] || fatal "install.sh ${INSTALL_SH} does not exist"
+    [ -f "${REGISTRY_BIN}" ] || fatal "minimal-registry binary ${REGISTRY_BIN} does not exist (build it with scripts/build-binary.sh ${ARCH}, or give -m FILE)"
+
+    local arch
+    arch=$(elf_arch "${K3S_BIN}")
+    [ "${arch}" = "${ARCH}" ] || fatal "${K3S_BIN} is ${arch}, not ${ARCH}: the wrong k3s binary"
+    arch=$(elf_arch "${REGISTRY_BIN}")
+    if [ "${arch}" = not-elf ] && [ "${ALLOW_SCRIPT}" = true ] && [ "$(head -c 2 -- "${REGISTRY_BIN}")" = '#!' ]; then
+        warn "${REGISTRY_BIN} is a script, not the one-file binary (--allow-script)"
+    elif [ "${arch}" != "${ARCH}" ]; then
+        fatal "${REGISTRY_BIN} is ${arch}, not ${ARCH}: the wrong minimal-registry binary"
+    fi
+    verify_install_script "${INSTALL_SH}"
+
+    if [ -n "${TREE}" ]; then
+        [ -d "${TREE}" ] || fatal "content tree ${TREE} does not exist"
+        [ -d "${TREE}/blobs" ] || fatal "${TREE} is not a content tree (it has no blobs/)"
+        TREE=$(cd "${TREE}" && pwd)
+    else
+        [ -f "${BUNDLE}" ] || fatal "bundle ${BUNDLE} does not exist"
+        case "${BUNDLE}" in
+            *.tar.gz | *.tgz) ARCHIVE=registry.tar.gz ;;
+            *.tar.zst) ARCHIVE=registry.tar.zst ;;
+            *) fatal "bundle ${BUNDLE} is neither .tar.gz nor .tar.zst" ;;
+        esac
+    fi
+    if [ -z "${REGISTRIES_YAML}" ]; then
+        local beside
+        beside=$(dirname -- "${TREE:-${BUNDLE}}")/registries.yaml
+        if [ -f "${beside}" ]; then
+            REGISTRIES_YAML=${beside}
+        else
+            REGISTRIES_YAML=${ROOT_DIR}/packaging/registries.yaml
+        fi
+    fi
+    [ -f "${REGISTRIES_YAML}" ] || fatal "registries.yaml ${REGISTRIES_YAML} does not exist"
+    grep -q '^mirrors:' "${REGISTRIES_YAML}" || fatal "${REGISTRIES_YAML} has no mirrors: section"
+    grep -q 'bootstrap-registry\.airgap' "${REGISTRIES_YAML}" \
+        || warn "${REGISTRIES_YAML} has no bootstrap-registry.airgap mirror, which install-node.sh's K3s server uses"
+    info "using k3s ${K3S_BIN}, install.sh ${INSTALL_SH}, minimal-registry ${REGISTRY_BIN}, registries.yaml ${REGISTRIES_YAML}"
+}
+
+# A minimal-registry that runs here, to verify the tree.
+find_registry_tool() {
+    if [ -n "${MINIMAL_REGISTRY_BIN:-}" ]; then
+        REGISTRY_TOOL=("${MINIMAL_REGISTRY_BIN}")
+    elif [ -x "${REGISTRY_BIN}" ] && "${REGISTRY_BIN}" --version >/dev/null 2>&1; then
+        REGISTRY_TOOL=("${REGISTRY_BIN}")
+    elif command -v minimal-registry >/dev/null 2>&1; then
+        REGISTRY_TOOL=(minimal-registry)
+    elif [ -d "${ROOT_DIR}/minimal_registry" ]; then
+        REGISTRY_TOOL=(env "PYTHONPATH=${ROOT_DIR}${PYTHONPATH:+:${PYTHONPATH}}" "${PYTHON:-python3}" -m minimal_registry)
+    else
+        fatal "no minimal-registry runs on this host to verify the tree: set MINIMAL_REGISTRY_BIN"
+    fi
+}
+
+verify_content() {
+    if [ -n "${TREE}" ]; then
+        find_registry_tool
+        info "checking the content tree ${TREE} (minimal-registry verify --fast)"
+        "${REGISTRY_TOOL[@]}" verify --fast -q -d "${TREE}" \
+            || fatal "the content tree ${TREE} fails minimal-registry verify --fast (see above); fix or re-download it"
+        return
+    fi
+    info "checking the bundle ${BUNDLE}"
+    local listing=${TMP_DIR}/listing
+    case "${ARCHIVE}" in
+        registry.tar.gz) gzip -dc -- "${BUNDLE}" ;;
+        registry.tar.zst)
+            command -v zstd >/dev/null 2>&1 || fatal "checking ${BUNDLE} needs zstd"
+            zstd -dcq -- "${BUNDLE}"
+            ;;
+    esac | tar -t -f - >"${listing}" || fatal "${BUNDLE} is not a complete archive"
+    grep -q '^registry/blobs/' "${listing}" || fatal "${BUNDLE} holds no registry/blobs/: not a content bundle"
+    if grep -v -q -E '^registry(/|$)' "${listing}"; then
+        fatal "${BUNDLE} holds files outside registry/"
+    fi
+}
+
+# --- step: the media ---
+# Bytes the archive of the tree needs at most: 512-byte headers, padded data, long names.
+archive_estimate() {
+    find "${TREE}" -printf '%s\n' | awk '{ total += 1536 + int(($1 + 511) / 512) * 512 } END { printf "%d", total + 20480 }'
+}
+
+verify_space() {
+    local need=0 file available
+    for file in "${K3S_BIN}" "${INSTALL_SH}" "${REGISTRY_BIN}"; do
+        need=$((need + $(stat -L -c '%s' -- "${file}")))
+    done
+    if [ -n "${TREE}" ]; then
+        need=$((need + $(archive_estimate)))
+    else
+        need=$((need + $(stat -L -c '%s' -- "${BUNDLE}")))
+    fi
+    need=$((need + 1048576))
+    available=$(df -P -k -- "${OUT}" | awk 'NR == 2 { print $4 }')
+    available=$((available * 1024))
+    if [ "${available}" -lt "${need}" ]; then
+        fatal "not enough space on ${OUT}: $((need / 1048576)) MiB needed, $((available / 1048576)) MiB free"
+    fi
+}
+
+prepare_media() {
+    mkdir -p -- "${OUT}"
+    OUT=$(cd "${OUT}" && pwd)
+    verify_space
+    STAGE=$(mktemp -d "${OUT}/.make-airgap-media.XXXXXX")
+}
+
+write_archive() {
+    if [ -n "${BUNDLE}" ]; then
+        cp -- "${BUNDLE}" "${STAGE}/${ARCHIVE}"
+        return
+    fi
+    local compress=(gzip -n -c)
+    ARCHIVE=registry.tar.gz
+    if [ "${ZSTD}" = true ]; then
+        compress=(zstd -q -c -T0 -9)
+        ARCHIVE=registry.tar.zst
+    fi
+    info "packing ${TREE} into ${ARCHIVE}"
+    # Deterministic: sorted names, fixed owner, mode bits and mtime, no host metadata;
+    # the tree's own directory name becomes registry/.
+    LC_ALL=C tar -c -f - -C "${TREE}" \
+        --format=gnu --sort=name --numeric-owner --owner=0 --group=0 \
+        --mtime="@${SOURCE_DATE_EPOCH:-0}" --mode='u+rwX,go+rX,go-w' \
+        --no-acls --no-selinux --no-xattrs \
+        --transform='s,^\.,registry,S' . \
+        | "${compress[@]}" >"${STAGE}/${ARCHIVE}"
+}
+
+render_readme() {
+    local version=${VERSION:-"(version not recorded: give -v)"}
+    sed -e "s|@K3S_VERSION@|${version}|g" -e "s|@ARCH@|${ARCH}|g" \
+        -e "s|@ARCHIVE@|$(printf '%-24s' "${ARCHIVE}")|g" \
+        "${ROOT_DIR}/packaging/README.txt" >"${STAGE}/README.txt"
+}
+
+# The media's files: NAME<TAB>SOURCE. Generated ones are made in the staging directory.
+media_files() {
+    printf '%s\t%s\n' \
+        install.sh "${INSTALL_SH}" \
+        k3s "${K3S_BIN}" \
+        "${ARCHIVE}" "${STAGE}/${ARCHIVE}" \
+        minimal-registry "${REGISTRY_BIN}" \
+        minimal-registry.service "${ROOT_DIR}/minimal-registry.service" \
+        registries.yaml "${REGISTRIES_YAML}" \
+        install-node.sh "${ROOT_DIR}/scripts/install-node.sh" \
+        README.txt "${STAGE}/README.txt"
+}
+
+stage_files() {
+    write_archive
+    render_readme
+    local name source sum
+    while IFS=$'\t' read -r name source; do
+        sum=$(sha256_of "${source}")
+        printf '%s  %s\n' "${sum}" "${name}"
+    done < <(media_files) | LC_ALL=C sort -k 2 >"${STAGE}/SHA256SUMS"
+}
+
+# Put SOURCE on the media as NAME unless the media's copy has the same bytes: through the
+# staging directory and a rename, so a file on the media is always whole.
+publish_file() {
+    local name=$1 source=$2
+    if [ -f "${OUT}/${name}" ] && cmp -s -- "${source}" "${OUT}/${name}"; then
+        return 0
+    fi
+    if [ "${source}" != "${STAGE}/${name}" ]; then
+        cp -- "${source}" "${STAGE}/${name}"
+    fi
+    # Executable where the file system keeps modes (FAT does not, which is why the node
+    # runs these through bash and sh).
+    case "${name}" in
+        k3s | minimal-registry | install.sh | install-node.sh) chmod 0755 -- "${STAGE}/${name}" ;;
+        *) chmod 0644 -- "${STAGE}/${name}" ;;
+    esac
+    mv -f -- "${STAGE}/${name}" "${OUT}/${name}"
+    WRITTEN+=("${name}")
+}
+
+# SHA256SUMS last, so a media whose writing was cut short fails install-node.sh's check.
+# The other archive format goes if the media had it.
+publish() {
+    local name source
+    while IFS=$'\t' read -r name source; do
+        publish_file "${name}" "${source}"
+    done < <(media_files)
+    for name in registry.tar.gz registry.tar.zst; do
+        if [ "${name}" != "${ARCHIVE}" ] && [ -e "${OUT}/${name}" ]; then
+            rm -f -- "${OUT}/${name}"
+            info "removed ${name}: the media now holds ${ARCHIVE}"
+            WRITTEN+=("-${name}")
+        fi
+    done
+    publish_file SHA256SUMS "${STAGE}/SHA256SUMS"
+    sync -f -- "${OUT}/SHA256SUMS" 2>/dev/null || sync
+}
+
+summary() {
+    if [ "${#WRITTEN[@]}" -eq 0 ]; then
+        info "nothing to do: ${OUT} already holds this media"
+    else
+        info "wrote ${WRITTEN[*]} to ${OUT}"
+    fi
+    info "media ready for ${ARCH}${VERSION:+ (K3s ${VERSION})}: on the node run  bash install-node.sh  from it"
+}
+
+# --- main ---
+trap cleanup EXIT
+parse_args "$@"
+verify_tools
+TMP_DIR=$(mktemp -d)
+download_release
+verify_inputs
+verify_content
+prepare_media
+stage_files
+publish
+summary
