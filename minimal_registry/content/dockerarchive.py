@@ -1,0 +1,88 @@
+"""Turn a `docker save` archive (`manifest.json`, config JSON, layer tars) into schema2 images.
+
+A Docker-only archive keeps no registry manifest, so one is made: a Docker schema2 manifest
+whose config is the archive's config file and whose layers are the archive's layer files, as
+they are (uncompressed tars, usually), each typed by its first bytes. The digests therefore
+differ from the registry the image came from, but the layer contents and the image config
+(and so the image ID and every `diff_id`) are the same. Archives that also hold an OCI
+`index.json` never come here: that side keeps the upstream digests.
+"""
+
+import json
+from typing import Dict, List
+
+from minimal_registry import manifest as manifests
+from minimal_registry.content import hashing, names
+from minimal_registry.content.archive import Entry
+from minimal_registry.content.files import SourceFiles
+from minimal_registry.content.pool import Pool, Root
+from minimal_registry.fatal import Fatal
+
+MANIFEST_JSON = "manifest.json"
+CONFIG_TYPE = "application/vnd.docker.container.image.v1+json"
+LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
+LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+MAX_CONFIG = 16 * 1024 * 1024
+
+
+def is_docker_archive(files: SourceFiles) -> bool:
+    if not files.exists(MANIFEST_JSON):
+        return False
+    try:
+        return isinstance(files.read_json(MANIFEST_JSON), list)
+    except Fatal:
+        return False
+
+
+def read(files: SourceFiles, pool: Pool) -> None:
+    entries = files.read_json(MANIFEST_JSON)
+    if not isinstance(entries, list) or not entries:
+        raise Fatal(f"{files.label}: {MANIFEST_JSON} lists no images", "this is not a docker-save archive")
+    layer_files: Dict[str, Entry] = {}
+    pool.add_store(layer_files.get)
+    for position, entry in enumerate(entries):
+        where = f"{files.label}: {MANIFEST_JSON} entry {position}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str) \
+                or not isinstance(entry.get("Layers"), list):
+            raise Fatal(f"{where} has no Config and Layers", "this is not a docker-save archive")
+        config = files.read_bytes(entry["Config"], limit=MAX_CONFIG)
+        config_digest = pool.add_bytes(config)
+        layers = [_layer(files, layer_files, name, where) for name in entry["Layers"]]
+        document = {
+            "schemaVersion": 2,
+            "mediaType": manifests.DOCKER_MANIFEST,
+            "config": {"mediaType": CONFIG_TYPE, "size": len(config), "digest": config_digest},
+            "layers": layers,
+        }
+        body = json.dumps(document, indent=3).encode()
+        digest = pool.add_bytes(body)
+        image_names: List[names.ImageName] = []
+        for repo_tag in entry.get("RepoTags") or ():
+            try:
+                image_names.append(names.parse(str(repo_tag)))
+            except ValueError as problem:
+                raise Fatal(f"{where} has a bad RepoTag {repo_tag!r}: {problem}",
+                            "give --name NAME --tag TAG") from None
+        pool.add_root(Root(digest=digest, source=files.label, names=image_names, size=len(body)))
+
+
+def _layer(files: SourceFiles, layer_files: Dict[str, Entry], name: object, where: str) -> dict:
+    entry = files.lookup(str(name)) if isinstance(name, str) else None
+    if entry is None:
+        raise Fatal(f"{where}: layer {name} is missing from the archive", "the archive is incomplete")
+    digest = entry.digest
+    if digest is None:  # a directory source: hash it now, the copy checks it again
+        digest, _size = hashing.hash_file(entry.path)
+    layer_files[digest] = Entry(entry.path, entry.size, digest, entry.owned)
+    return {"mediaType": _layer_type(entry), "size": entry.size, "digest": digest}
+
+
+def _layer_type(entry: Entry) -> str:
+    with open(entry.path, "rb") as head:
+        magic = head.read(4)
+    if magic.startswith(b"\x1f\x8b"):
+        return LAYER_GZIP
+    if magic.startswith(b"\x28\xb5\x2f\xfd"):
+        return LAYER_ZSTD
+    return LAYER_TAR

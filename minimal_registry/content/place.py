@@ -1,0 +1,136 @@
+"""Put content into the tree: blobs, manifests, tags and `blobs` links, each atomically.
+
+Order matters for a reader running at the same time and for an import cut short: blobs
+first, then manifests (children before the index that lists them), then tags, so a tag
+never names a manifest whose content is not all there. Each file is checked against its
+digest before it gets its final name, and nothing that is already right is touched, so
+running the same import twice changes nothing.
+"""
+
+import errno
+import hashlib
+import os
+from pathlib import Path
+from typing import Optional, Set, Union
+
+from minimal_registry import layout
+from minimal_registry.content import atomic, hashing
+from minimal_registry.content.archive import Entry
+from minimal_registry.fatal import Fatal
+
+
+class Placer:
+    def __init__(self, tree: Path):
+        self.tree = tree
+        self.touched_dirs: Set[Path] = set()
+        self.blobs_written = 0
+        self.bytes_written = 0
+
+    # ----- blobs -----------------------------------------------------------------------
+
+    def blob(self, digest: str, source: Union[Entry, bytes, None], size: int, where: str) -> bool:
+        """Place one blob; False when the tree already had it."""
+        final = layout.shared_blob_path(self.tree, digest)
+        if _size(final) == size:
+            return False
+        if source is None:
+            raise Fatal(f"blob {digest} vanished from the tree during the import", "run the import again")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(source, bytes):
+            _check(digest, "sha256:" + hashlib.sha256(source).hexdigest(), where)
+            atomic.write_bytes(final, source)
+        elif source.owned and source.digest is not None and source.path.exists():
+            _check(digest, source.digest, where)
+            atomic.fsync_file(source.path)
+            try:
+                os.replace(source.path, final)
+            except OSError as error:
+                if error.errno != errno.EXDEV:
+                    raise
+                self._copy(source, final, digest, where)
+        else:
+            self._copy(source, final, digest, where)
+        self.touched_dirs.add(final.parent)
+        self.blobs_written += 1
+        self.bytes_written += size
+        return True
+
+    def _copy(self, source: Entry, final: Path, digest: str, where: str) -> None:
+        temporary = atomic.temp_path(final)
+        try:
+            with open(source.path, "rb") as reader, open(temporary, "xb") as out:
+                actual, _ = hashing.copy_hashed(reader, out)
+                out.flush()
+                os.fsync(out.fileno())
+            _check(digest, actual, f"{where} ({source.path})")
+            os.replace(temporary, final)
+        except BaseException:
+            try:
+                os.unlink(temporary)
+            except FileNotFoundError:
+                pass
+            raise
+
+    # ----- repositories, manifests, tags -----------------------------------------------
+
+    def repository(self, name: str, namespace: Optional[str]) -> Path:
+        """Make `[<ns>/]<name>/manifests` and a `blobs -> ../blobs` link at every level."""
+        manifests = layout.manifests_dir(self.tree, name, namespace)
+        manifests.mkdir(parents=True, exist_ok=True)
+        level = self.tree
+        relative = layout.repository_dir(self.tree, name, namespace).relative_to(self.tree)
+        for part in relative.parts:
+            level = level / part
+            link = level / layout.BLOBS
+            if not os.path.lexists(link):
+                atomic.symlink(link, f"../{layout.BLOBS}")
+                self.touched_dirs.add(level)
+        return manifests
+
+    def manifest(self, manifests: Path, digest: str, body: bytes) -> bool:
+        final = manifests / digest
+        try:
+            if final.read_bytes() == body:
+                return False
+        except OSError:
+            pass
+        _check(digest, "sha256:" + hashlib.sha256(body).hexdigest(), str(final))
+        atomic.write_bytes(final, body)
+        self.touched_dirs.add(manifests)
+        return True
+
+    def tag(self, manifests: Path, tag: str, digest: str) -> str:
+        """`same`, `new` or `moved` (it named another manifest before)."""
+        final = manifests / tag
+        state = "new"
+        if os.path.islink(final):
+            if layout.tag_target_digest(final) == digest and (manifests / digest).exists():
+                return "same"
+            state = "moved"
+        elif final.exists():
+            try:
+                if "sha256:" + hashlib.sha256(final.read_bytes()).hexdigest() == digest:
+                    return "same"  # a plain copy of the right manifest (older trees) is fine
+            except OSError:
+                pass
+            state = "moved"
+        atomic.symlink(final, digest)
+        self.touched_dirs.add(manifests)
+        return state
+
+    def sync(self) -> None:
+        atomic.fsync_dirs(self.touched_dirs)
+        self.touched_dirs.clear()
+
+
+def _size(path: Path) -> Optional[int]:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def _check(expected: str, actual: str, where: str) -> None:
+    if expected != actual:
+        raise Fatal(f"{where}: content of {expected} hashes to {actual}",
+                    "the source is damaged; pull or copy it again")

@@ -1,0 +1,224 @@
+"""From the roots the sources name to what the tree must gain: names, manifests, blobs.
+
+Every decision is made here, before anything is written, so a missing layer or a bad name
+stops the import with the tree untouched. The tree itself counts as a source: content it
+already holds need not be in the sources, which is what lets an import of a bare index (a
+manifest JSON file) succeed when the platforms it needs were imported before.
+
+Roots: each image a source names. A nameless root that is a child of another root's index
+(a platform image pulled beside its index) is part of that image, not an image of its own.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+from minimal_registry import layout
+from minimal_registry import manifest as manifests
+from minimal_registry.content import names, platforms
+from minimal_registry.content.archive import Entry
+from minimal_registry.content.pool import MissingContent, Pool, Root
+from minimal_registry.fatal import Fatal
+
+Source = Union[Entry, bytes, None]  # None: already in the tree
+
+
+@dataclass
+class ImagePlan:
+    name: names.ImageName
+    namespace: Optional[str]
+    repository: str
+    tag: Optional[str]
+    digest: str
+    media_type: str
+    source: str
+    manifests: Dict[str, bytes] = field(default_factory=dict)  # digest -> bytes, children first
+    blobs: Dict[str, Source] = field(default_factory=dict)  # digest -> where to get it
+    blob_sizes: Dict[str, int] = field(default_factory=dict)
+    present_platforms: List[str] = field(default_factory=list)
+    absent_platforms: List[str] = field(default_factory=list)  # listed by the index, in no source
+    left_out_platforms: List[str] = field(default_factory=list)  # not asked for with --platform
+    unmatched_platforms: List[str] = field(default_factory=list)  # asked for, not in the index
+
+    @property
+    def reference(self) -> str:
+        where = f"{self.namespace}/{self.repository}" if self.namespace else self.repository
+        return f"{where}:{self.tag}" if self.tag else f"{where}@{self.digest}"
+
+
+def make(pool: Pool, tree: Path, name: Optional[str], tag: Optional[str], keep_domain: bool,
+         wanted_platforms: Optional[List[str]]) -> List[ImagePlan]:
+    roots = _merge(_drop_children(pool, pool.roots))
+    if not roots:
+        raise Fatal("the sources name no image", "check the sources")
+    plans = []
+    for root, image_name in _named(roots, name, tag):
+        namespace, repository = image_name.placement(keep_domain)
+        top = _manifest(pool, tree, namespace, repository, root.digest, root.source)
+        if top is None:
+            raise MissingContent(f"{root.source}: manifest {root.digest} of {image_name} is missing")
+        plan = ImagePlan(name=image_name, namespace=namespace, repository=repository, tag=image_name.tag,
+                         digest=root.digest, media_type=top.media_type, source=root.source)
+        _walk(pool, tree, plan, top, wanted_platforms, depth=0)
+        plans.append(plan)
+    return plans
+
+
+# ----- roots and names ---------------------------------------------------------------------
+
+def _drop_children(pool: Pool, roots: List[Root]) -> List[Root]:
+    children = set()
+    for root in roots:
+        parsed = pool.manifest(root.digest, root.source)
+        if parsed is not None and parsed.is_index:
+            children.update(child.digest for child in parsed.children)
+    return [r for r in roots if r.named or r.bare_tags or r.digest not in children]
+
+
+def _merge(roots: List[Root]) -> List[Root]:
+    """One root per digest, with every name any source gave it."""
+    merged: Dict[str, Root] = {}
+    for root in roots:
+        if root.digest in merged:
+            kept = merged[root.digest]
+            kept.names += [n for n in root.names if n not in kept.names]
+            kept.bare_tags += [t for t in root.bare_tags if t not in kept.bare_tags]
+        else:
+            merged[root.digest] = Root(root.digest, root.source, list(root.names), list(root.bare_tags), root.size)
+    return list(merged.values())
+
+
+def _named(roots: List[Root], name: Optional[str], tag: Optional[str]):
+    """(root, full name with its tag) for every name every root is to be filed under."""
+    if name is not None or tag is not None:
+        if len(roots) != 1:
+            listed = ", ".join(_describe(r) for r in roots[:5])
+            raise Fatal(f"--name/--tag name one image, but the sources hold {len(roots)}: {listed}",
+                        "import those sources one at a time")
+        root = roots[0]
+        yield from ((root, n) for n in _override(root, name, tag))
+        return
+    for root in roots:
+        if not root.names:
+            what = f"only the tag {root.bare_tags[0]!r}" if root.bare_tags else "no name"
+            raise Fatal(f"{root.source}: image {root.digest} has {what}",
+                        "give --name NAME (and --tag TAG) to file it")
+        for image_name in root.names:
+            yield root, image_name
+
+
+def _override(root: Root, name: Optional[str], tag: Optional[str]) -> List[names.ImageName]:
+    if name is not None:
+        try:
+            base = names.parse(name, familiar=False)
+        except ValueError as problem:
+            raise Fatal(f"--name {name!r}: {problem}", "for example --name rancher/mirrored-pause") from None
+    elif root.names:
+        base = root.names[0]
+    else:
+        raise Fatal(f"{root.source}: image {root.digest} has no name", "give --name NAME as well as --tag")
+    if tag is not None:
+        if not names.reference.is_tag(tag):
+            raise Fatal(f"--tag {tag!r} is not a valid tag", "a tag is up to 128 of a-z A-Z 0-9 _ . -")
+        tags = [tag]
+    elif base.tag:
+        tags = [base.tag]
+    else:
+        tags = [n.tag for n in root.names if n.tag] + list(root.bare_tags) or ["latest"]
+    unique = list(dict.fromkeys(tags))
+    return [names.ImageName(base.domain, base.path, t) for t in unique]
+
+
+def _describe(root: Root) -> str:
+    return str(root.names[0]) if root.names else f"{root.digest[:19]}…"
+
+
+# ----- walking the manifests -----------------------------------------------------------------
+
+MAX_DEPTH = 8
+
+
+def _manifest(pool: Pool, tree: Path, namespace, repository, digest, where) -> Optional[manifests.Manifest]:
+    found = pool.manifest(digest, where)
+    if found is not None:
+        return found
+    stored = layout.manifests_dir(tree, repository, namespace) / digest
+    try:
+        body = stored.read_bytes()
+    except OSError:
+        return None
+    try:
+        parsed = manifests.parse(body)
+    except manifests.NotAManifest:
+        return None
+    return parsed if parsed.digest == digest else None  # a damaged copy is replaced from the sources
+
+
+def _walk(pool: Pool, tree: Path, plan: ImagePlan, current: manifests.Manifest,
+          wanted: Optional[List[str]], depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise Fatal(f"{plan.source}: indexes nest deeper than {MAX_DEPTH} levels", "check the source")
+    if current.is_index:
+        _walk_index(pool, tree, plan, current, wanted, depth)
+    else:
+        for blob in current.referenced_blobs():
+            _add_blob(pool, tree, plan, blob, current.digest)
+    plan.manifests[current.digest] = current.body
+
+
+def _walk_index(pool, tree, plan: ImagePlan, index: manifests.Manifest, wanted, depth) -> None:
+    taken = 0
+    if wanted is not None:
+        offered = [c.platform for c in index.children if c.platform]
+        plan.unmatched_platforms += [w for w in wanted
+                                     if not any(platforms.matches(w, o) for o in offered)
+                                     and w not in plan.unmatched_platforms]
+    for child in index.children:
+        label = child.platform or child.digest
+        selected = wanted is None or child.platform is None or any(platforms.matches(w, child.platform) for w in wanted)
+        if not selected:
+            plan.left_out_platforms.append(label)
+            continue
+        found = _manifest(pool, tree, plan.namespace, plan.repository, child.digest, plan.source)
+        if found is None:
+            if wanted is not None and child.platform is not None:
+                raise MissingContent(f"{plan.name}: the {child.platform} manifest {child.digest} is in no source")
+            plan.absent_platforms.append(label)
+            continue
+        if found.size != child.size:
+            raise Fatal(f"{plan.name}: manifest {child.digest} is {found.size} bytes, its index says {child.size}",
+                        "the source is damaged; pull it again")
+        _walk(pool, tree, plan, found, wanted, depth + 1)
+        taken += 1
+        if child.platform:
+            plan.present_platforms.append(child.platform)
+    if taken == 0:
+        raise MissingContent(f"{plan.name}: none of the {len(index.children)} manifests of index "
+                             f"{index.digest} is in the sources")
+
+
+def _add_blob(pool: Pool, tree: Path, plan: ImagePlan, blob: manifests.Descriptor, owner: str) -> None:
+    if blob.digest in plan.blobs:
+        return
+    if not names.reference.is_digest(blob.digest):
+        raise Fatal(f"{plan.name}: manifest {owner} references {blob.digest!r}, not a sha256 digest",
+                    "only sha256 content can be imported")
+    size = pool.size(blob.digest)
+    if size is not None:
+        if size != blob.size:
+            raise Fatal(f"{plan.name}: blob {blob.digest} is {size} bytes, manifest {owner} says {blob.size}",
+                        "the source is damaged; pull it again")
+        plan.blobs[blob.digest] = pool.find(blob.digest)
+    elif _tree_has_blob(tree, blob.digest, blob.size):
+        plan.blobs[blob.digest] = None
+    else:
+        raise MissingContent(f"{plan.name}: blob {blob.digest} ({blob.media_type or 'no media type'}, "
+                             f"{blob.size} bytes) of manifest {owner} is in no source")
+    plan.blob_sizes[blob.digest] = blob.size
+
+
+def _tree_has_blob(tree: Path, digest: str, size: int) -> bool:
+    try:
+        return layout.shared_blob_path(tree, digest).stat().st_size == size
+    except OSError:
+        return False

@@ -1,0 +1,119 @@
+"""What a SOURCE given to `import` is, and how its content gets into the pool.
+
+    OCI image layout directory    oci-layout, index.json, blobs/sha256/<hex>   (crane, skopeo oci:)
+    skopeo `dir:` directory       version, manifest.json, <hex>, <hex>.manifest.json
+    docker-save directory         manifest.json (a list), config JSON, layer tars
+    raw manifest file             one manifest or index as JSON (`crane manifest`,
+                                  `skopeo inspect --raw`): a root whose content other
+                                  sources (or the tree) hold
+    tar archive of any of the first three, plain or gzip/zstd/bzip2/xz compressed
+                                  (`skopeo copy ... oci-archive:`/`docker-archive:`,
+                                  `docker save`, K3s `k3s-airgap-images-<arch>.tar.zst`)
+
+An archive holding both an OCI `index.json` and a Docker `manifest.json` (K3s airgap
+tarballs written by `ctr images export`, docker 25+) is read as OCI: that side keeps the
+upstream digests. Archives are unpacked into a staging directory inside the tree (so blobs
+can be renamed into place, never copied twice) which is removed afterwards.
+"""
+
+import json
+import os
+import secrets
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+from minimal_registry import manifest as manifests
+from minimal_registry import reference
+from minimal_registry.content import archive, dockerarchive, ocilayout
+from minimal_registry.content.archive import Entry
+from minimal_registry.content.files import SourceFiles
+from minimal_registry.content.pool import Pool, Root
+from minimal_registry.fatal import Fatal
+
+STAGING_PREFIX = ".import-"
+SKOPEO_DIR_VERSION = "version"
+SKOPEO_DIR_MANIFEST = "manifest.json"
+KINDS_HINT = ("give an OCI layout directory, an OCI or docker-save archive (plain, .gz or .zst), "
+              "a skopeo dir: directory or a manifest JSON file")
+
+
+@contextmanager
+def read_sources(paths: List[Path], tree: Path, pool: Pool, quiet: bool = False) -> Iterator[None]:
+    """Read every source into `pool`; staged archives live until the block ends."""
+    staging_dirs: List[Path] = []
+    try:
+        for path in paths:
+            read_one(path, tree, pool, staging_dirs, quiet)
+        yield
+    finally:
+        for staging in staging_dirs:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_one(path: Path, tree: Path, pool: Pool, staging_dirs: List[Path], quiet: bool) -> None:
+    label = str(path)
+    if path.is_dir():
+        read_files(SourceFiles(label, directory=path), pool)
+        return
+    if not path.is_file():
+        raise Fatal(f"{path} does not exist", KINDS_HINT)
+    try:
+        with open(path, "rb") as head:
+            start = head.read(64).lstrip()
+    except OSError as error:
+        raise Fatal(f"cannot read {path}: {error.strerror}", "check its permissions") from None
+    if start.startswith(b"{"):
+        read_raw_manifest(path, pool)
+        return
+    if not archive.is_tar(path):
+        raise Fatal(f"{path} is neither a directory, a tar archive nor a manifest", KINDS_HINT)
+    staging = tree / f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir(parents=True)
+    staging_dirs.append(staging)
+    staged = archive.stage(path, staging, quiet=quiet)
+    read_files(SourceFiles(label, staged=staged), pool)
+
+
+def read_files(files: SourceFiles, pool: Pool) -> None:
+    if ocilayout.is_layout(files):
+        ocilayout.read(files, pool)
+    elif dockerarchive.is_docker_archive(files):
+        dockerarchive.read(files, pool)
+    elif files.exists(SKOPEO_DIR_VERSION) and files.exists(SKOPEO_DIR_MANIFEST):
+        read_skopeo_dir(files, pool)
+    else:
+        raise Fatal(f"{files.label} holds no index.json, manifest.json or skopeo dir: layout", KINDS_HINT)
+
+
+def read_skopeo_dir(files: SourceFiles, pool: Pool) -> None:
+    """skopeo's `dir:` transport: manifests kept byte for byte, so upstream digests survive."""
+    version = files.read_bytes(SKOPEO_DIR_VERSION, limit=4096).decode(errors="replace")
+    if not version.startswith("Directory Transport Version: 1."):
+        raise Fatal(f"{files.label}: unknown skopeo dir: version {version.strip()!r}", KINDS_HINT)
+
+    def store(digest: str) -> Optional[Entry]:
+        if not reference.is_digest(digest):
+            return None
+        encoded = digest[len("sha256:"):]
+        return files.lookup(encoded) or files.lookup(f"{encoded}.manifest.json")
+
+    pool.add_store(store)
+    body = files.read_bytes(SKOPEO_DIR_MANIFEST, limit=manifests.MAX_MANIFEST_SIZE)
+    digest = pool.add_bytes(body)
+    pool.add_root(Root(digest=digest, source=files.label, size=len(body)))
+
+
+def read_raw_manifest(path: Path, pool: Pool) -> None:
+    body = path.read_bytes()
+    try:
+        manifests.parse(body)
+    except manifests.NotAManifest as problem:
+        try:
+            json.loads(body)
+        except ValueError:
+            raise Fatal(f"{path} is not a manifest: {problem}", KINDS_HINT) from None
+        raise Fatal(f"{path} is JSON but not a manifest: {problem}", KINDS_HINT) from None
+    digest = pool.add_bytes(body)
+    pool.add_root(Root(digest=digest, source=str(path), size=len(body)))
