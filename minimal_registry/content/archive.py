@@ -53,7 +53,9 @@ class StagedArchive:
 
 
 def is_tar(path: Path) -> bool:
-    """Whether the (decompressed) start of `path` is a tar header."""
+    """Whether `path` is compressed (then only unpacking can tell) or starts with a tar header."""
+    if decompress.sniff(path) != "plain":
+        return True
     try:
         with decompress.open_stream(path) as stream:
             header = stream.read(512)
@@ -78,7 +80,7 @@ def stage(archive: Path, staging: Path, quiet: bool = False) -> StagedArchive:
     except _ReadProblem as problem:
         raise Fatal(f"{archive} is damaged or truncated ({problem})", "copy the archive again") from None
     except tarfile.TarError as error:
-        raise Fatal(f"{archive} is not a readable tar archive ({error})",
+        raise Fatal(f"{archive} is damaged or truncated, or not a tar archive ({error})",
                     "give an OCI layout directory, an OCI or docker-save tar (plain, .gz or .zst)") from None
     except OSError as error:
         raise Fatal(f"cannot unpack {archive} into {staging}: {error.strerror or error}",

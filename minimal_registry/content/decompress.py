@@ -86,10 +86,58 @@ def open_stream(path: Path, on_bytes: Optional[Callable[[int], None]] = None) ->
             with lzma.LZMAFile(raw, mode="rb") as stream:
                 yield stream
         else:
-            import zstandard
+            yield _ZstdReader(raw)
 
-            with zstandard.ZstdDecompressor().stream_reader(raw, read_size=READ_SIZE) as stream:
-                yield stream
+
+class _ZstdReader:
+    """zstd frames, one after another, as a stream; a file that ends inside a frame is an error.
+
+    (`zstandard`'s own stream_reader reports such a truncated file as a clean end.)
+    """
+
+    def __init__(self, raw):
+        import zstandard
+
+        self._zstandard = zstandard
+        self._raw = raw
+        self._decoder = zstandard.ZstdDecompressor().decompressobj()
+        self._buffer = bytearray()
+        self._position = 0
+        self._finished = False
+        self._in_frame = False
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._finished and (size < 0 or len(self._buffer) - self._position < size):
+            chunk = self._raw.read(READ_SIZE)
+            if not chunk:
+                self._finished = True
+                if self._in_frame:
+                    raise EOFError("the zstd data ends in the middle of a frame: the file is truncated")
+                break
+            if self._position:  # drop what was read before growing the buffer, not on every read
+                del self._buffer[:self._position]
+                self._position = 0
+            self._feed(chunk)
+        end = len(self._buffer) if size < 0 else min(len(self._buffer), self._position + size)
+        data = bytes(self._buffer[self._position:end])
+        self._position = end
+        return data
+
+    def _feed(self, chunk: bytes) -> None:
+        while chunk:
+            self._in_frame = True
+            self._buffer += self._decoder.decompress(chunk)
+            if not self._decoder.eof:
+                return
+            self._in_frame = False
+            chunk = self._decoder.unused_data
+            self._decoder = self._zstandard.ZstdDecompressor().decompressobj()
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
 
 
 def _have_zstandard() -> bool:
