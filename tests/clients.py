@@ -362,8 +362,10 @@ def containerd_missing() -> Optional[str]:
     return None
 
 
-def start_containerd(base: Optional[Path] = None) -> Containerd:
-    """Start containerd in `base` (a short fresh temp dir by default) and pick a snapshotter."""
+def start_containerd(base: Optional[Path] = None,
+                     snapshotters: Sequence[str] = SNAPSHOTTER_PREFERENCE) -> Containerd:
+    """Start containerd in `base` (a short fresh temp dir by default) and pick the first of
+    `snapshotters` that loaded."""
     reason = containerd_missing()
     if reason:
         raise ClientFailure(reason)
@@ -380,7 +382,7 @@ def start_containerd(base: Optional[Path] = None) -> Containerd:
     daemon = Containerd(base=base, process=process, address=address, log_path=log_path)
     try:
         _wait_until_serving(daemon)
-        daemon.snapshotter = _choose_snapshotter(daemon)
+        daemon.snapshotter = _choose_snapshotter(daemon, snapshotters)
     except BaseException:
         daemon.stop()
         raise
@@ -422,19 +424,19 @@ def _wait_until_serving(daemon: Containerd) -> None:
     raise ClientFailure(f"containerd did not serve {daemon.address} in {START_TIMEOUT}s:\n{daemon.log()}")
 
 
-def _choose_snapshotter(daemon: Containerd) -> str:
+def _choose_snapshotter(daemon: Containerd, preference: Sequence[str]) -> str:
     """overlayfs when its plugin loaded (containerd test-mounts an overlay first), else native."""
     status = {}
     for line in daemon.ctr("plugins", "ls", check=True).stdout.splitlines():
         parts = line.split()
         if len(parts) >= 4 and parts[0] == "io.containerd.snapshotter.v1":
             status[parts[1]] = parts[-1]
-    for name in SNAPSHOTTER_PREFERENCE:
+    for name in preference:
         if status.get(name) == "ok":
             daemon.findings.append(f"snapshotter {name} (plugin status: {status})")
             return name
         daemon.findings.append(f"snapshotter {name} unusable: status {status.get(name, 'absent')}")
-    raise ClientFailure(f"no usable snapshotter among {SNAPSHOTTER_PREFERENCE}: {status}\n{daemon.log()}")
+    raise ClientFailure(f"no usable snapshotter among {tuple(preference)}: {status}\n{daemon.log()}")
 
 
 def _mounts_below(base: Path) -> List[str]:

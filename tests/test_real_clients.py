@@ -182,6 +182,19 @@ def test_ctr_pulls_over_https_with_the_ca_k3s_configures(containerd, tls_registr
     assert_files(containerd, ref(standard_tree.hello), standard_tree.hello)
 
 
+def test_ctr_unpacks_with_the_native_snapshotter_too(certs_dirs, standard_tree):
+    """The fallback where overlayfs cannot load (a rootfs on overlay, as in a container)."""
+    daemon = clients.start_containerd(snapshotters=("native",))
+    try:
+        assert daemon.snapshotter == "native"
+        hello = standard_tree.hello
+        pull_ok(daemon, ref(hello), certs_dirs["k3s"], platform=AMD64)
+        assert_unpacked(daemon, hello)
+        assert_files(daemon, ref(hello), hello)
+    finally:
+        daemon.stop()
+
+
 # ----- skopeo --------------------------------------------------------------------------------
 
 def test_parameters_cover_every_tagged_image(standard_tree):
@@ -255,3 +268,8 @@ def test_registry_logged_no_traceback(request, which):
     log = registry.log()
     assert "Traceback" not in log, log[-5000:]
     assert registry.process.poll() is None, "the registry exited"
+
+
+def test_containerd_logged_no_warning(containerd_daemon):
+    """The daemon's whole log: start-up, every ingest and unpack, every garbage collection."""
+    assert not clients.problem_lines(containerd_daemon.log()), containerd_daemon.log()[-5000:]
