@@ -34,10 +34,16 @@ def repositories(tree: Path) -> List[Repository]:
 
 def blob_path(tree: Path, repository: Repository, digest: str) -> Optional[Path]:
     """Where the server finds `digest` for `repository`: its `blobs/` (link), else ROOT/blobs."""
-    for candidate in (repository.directory / layout.BLOBS / digest, layout.shared_blob_path(tree, digest)):
-        if candidate.is_file():
-            return candidate
-    return None
+    shared = layout.shared_blob_path(tree, digest)
+    own = repository.directory / layout.BLOBS / digest
+    if own.is_file():
+        try:
+            if os.path.samefile(own, shared):
+                return shared  # through the `blobs -> ../blobs` links: name it where it really is
+        except OSError:
+            pass
+        return own
+    return shared if shared.is_file() else None
 
 
 def inside(path: Path, tree_real: str) -> bool:
