@@ -9,12 +9,12 @@ upstream registry.
 
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
 
 import clients
 import imagetree
+import serverproc
 from clients import MIRRORED_HOST
 from fixtures_clients import *  # noqa: F401,F403  (also imported by conftest.py for the suite)
 
@@ -141,6 +141,22 @@ def test_ctr_docker_io_mirror_gets_the_namespaced_copy(containerd, certs_dirs, s
     assert containerd.images()[reference] == (imagetree.OCI_MANIFEST, namespaced.digest)
     assert_unpacked(containerd, namespaced)
     assert_files(containerd, reference, namespaced)
+
+
+def test_ctr_namespace_with_a_port_picks_its_directory(containerd, tmp_path):
+    """`registry.local:5000/team/app` through its mirror: ?ns=registry.local%3A5000 selects
+    ROOT/registry.local:5000/team/app over ROOT/team/app."""
+    builder = imagetree.TreeBuilder(tmp_path / "registry")
+    ported = builder.image("team/app", "1.0", namespace="registry.local:5000",
+                           files={"which.txt": b"registry.local:5000 copy\n"})
+    builder.image("team/app", "1.0", files={"which.txt": b"un-namespaced copy\n"})
+    reference = "registry.local:5000/team/app:1.0"
+    with serverproc.running_registry(builder.root) as registry:
+        clients.write_hosts_toml(tmp_path / "certs.d", "registry.local:5000", registry.url)
+        pulled = pull_ok(containerd, reference, tmp_path / "certs.d", platform=AMD64)
+    assert "ns=registry.local%3A5000" in pulled.result.stderr
+    assert containerd.images()[reference] == (imagetree.OCI_MANIFEST, ported.digest)
+    assert_files(containerd, reference, ported)
 
 
 def test_ctr_unknown_namespace_falls_back_to_the_plain_tree(containerd, certs_dirs, standard_tree):
