@@ -313,10 +313,15 @@ verify_inputs() {
 
     local arch
     arch=$(elf_arch "${K3S_BIN}")
+    [ "${arch}" != not-elf ] || fatal "${K3S_BIN} is not an ELF executable: not a k3s binary"
     [ "${arch}" = "${ARCH}" ] || fatal "${K3S_BIN} is ${arch}, not ${ARCH}: the wrong k3s binary"
     arch=$(elf_arch "${REGISTRY_BIN}")
-    if [ "${arch}" = not-elf ] && [ "${ALLOW_SCRIPT}" = true ] && [ "$(head -c 2 -- "${REGISTRY_BIN}")" = '#!' ]; then
+    if [ "${arch}" = not-elf ] && [ "$(head -c 2 -- "${REGISTRY_BIN}")" = '#!' ]; then
+        [ "${ALLOW_SCRIPT}" = true ] \
+            || fatal "${REGISTRY_BIN} is a script, not the one-file binary (--allow-script accepts one, for development)"
         warn "${REGISTRY_BIN} is a script, not the one-file binary (--allow-script)"
+    elif [ "${arch}" = not-elf ]; then
+        fatal "${REGISTRY_BIN} is not an ELF executable: not a minimal-registry binary"
     elif [ "${arch}" != "${ARCH}" ]; then
         fatal "${REGISTRY_BIN} is ${arch}, not ${ARCH}: the wrong minimal-registry binary"
     fi

@@ -1,0 +1,698 @@
+"""make-airgap-media.sh writes the media; install-node.sh installs from it, under --root.
+
+Everything runs the real scripts as subprocesses, with stand-ins only for what cannot be had
+offline: `k3s` is a real ELF file of the right architecture (a copy of /usr/bin/true for amd64,
+a crafted header for arm64), `install.sh` records its arguments and environment, and K3s's
+release server is a local HTTP server on 127.0.0.1. minimal-registry is the one-file binary
+when MINIMAL_REGISTRY_BIN names it, else a two-line wrapper running `python -m minimal_registry`
+from this checkout (passed with --allow-script, as a developer would).
+
+The helpers here (no `test_` prefix) are shared with test_journey.py.
+"""
+
+import hashlib
+import http.server
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import pytest
+
+from imagetree import TreeBuilder, build_standard_tree
+from serverproc import PROJECT_ROOT
+
+MAKE_MEDIA = PROJECT_ROOT / "scripts/make-airgap-media.sh"
+INSTALL_NODE = PROJECT_ROOT / "scripts/install-node.sh"
+MEDIA_FILES = ["README.txt", "SHA256SUMS", "install-node.sh", "install.sh", "k3s",
+               "minimal-registry", "minimal-registry.service", "registries.yaml", "registry.tar.gz"]
+K3S_VERSION = "v1.31.4+k3s1"
+SCRIPT_TIMEOUT = 180
+ELF_MACHINES = {"amd64": 0x3E, "arm64": 0xB7}
+
+
+# ----- helpers shared with test_journey.py ----------------------------------------------------
+
+def run(command: List[str], env: Optional[dict] = None, timeout: float = SCRIPT_TIMEOUT,
+        cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in command], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=cwd, stdin=subprocess.DEVNULL)
+
+
+def describe(result: subprocess.CompletedProcess) -> str:
+    return f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+
+def elf_file(path: Path, arch: str) -> Path:
+    """A file whose ELF header says `arch`: /usr/bin/true when it is that, else a crafted one."""
+    true = Path("/usr/bin/true")
+    if arch == "amd64" and true.read_bytes()[18:20] == struct.pack("<H", ELF_MACHINES["amd64"]):
+        shutil.copyfile(true, path)
+    else:
+        header = (b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
+                  + struct.pack("<HHIQQQIHHHHHH", 2, ELF_MACHINES[arch], 1, 0x400000, 64, 0, 0,
+                                64, 56, 0, 64, 0, 0))
+        path.write_bytes(header + hashlib.sha256(arch.encode()).digest() * 64)
+    path.chmod(0o755)
+    return path
+
+
+def standin_install_sh(path: Path, record: Path) -> Path:
+    """K3s's install.sh stand-in: writes `ARG:<arg>` and `ENV:<K3S_*/INSTALL_K3S_*>` lines."""
+    path.write_text(
+        "#!/bin/sh\n"
+        "# Stand-in for K3s's install.sh: records how it was called.\n"
+        f"{{ printf 'ARG:%s\\n' \"$@\"; env | grep -E '^(INSTALL_K3S|K3S)_' | sort | sed 's/^/ENV:/'; }}"
+        f" > '{record}'\n")
+    path.chmod(0o755)
+    return path
+
+
+def read_record(record: Path) -> Dict[str, List[str]]:
+    lines = record.read_text().splitlines()
+    return {"args": [line[4:] for line in lines if line.startswith("ARG:")],
+            "env": [line[4:] for line in lines if line.startswith("ENV:")]}
+
+
+def registry_binary(directory: Path) -> Path:
+    """The minimal-registry that goes on the media: the built binary, or a source wrapper."""
+    built = os.environ.get("MINIMAL_REGISTRY_BIN")
+    if built:
+        return Path(built).resolve()
+    wrapper = directory / "minimal-registry-source"
+    wrapper.write_text("#!/bin/sh\n"
+                       "# minimal-registry from the source checkout (tests)\n"
+                       f"PYTHONPATH='{PROJECT_ROOT}' exec '{sys.executable}' -m minimal_registry \"$@\"\n")
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def script_env(tool: Path, home: Path, extra: Optional[dict] = None) -> dict:
+    """The scripts' environment: no inherited MINIMAL_REGISTRY_* settings, a private cache."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MINIMAL_REGISTRY", "K3S_", "INSTALL_K3S_")) and k != "NOTIFY_SOCKET"}
+    env.update({"MINIMAL_REGISTRY_BIN": str(tool), "XDG_CACHE_HOME": str(home / "cache"),
+                "HOME": str(home), "LC_ALL": "C"})
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class Inputs:
+    """What make-airgap-media.sh is given for one architecture."""
+    work: Path
+    arch: str
+    k3s: Path
+    install_sh: Path
+    record: Path
+    registry: Path      # the minimal-registry that goes on the media
+    tool: Path          # the minimal-registry that runs here (verify)
+
+    def args(self) -> List[str]:
+        args = ["--arch", self.arch, "-k", self.k3s, "-i", self.install_sh, "-m", self.registry,
+                "-v", K3S_VERSION]
+        if self.registry.read_bytes()[:2] == b"#!":
+            args.append("--allow-script")  # the source wrapper stands in for the binary
+        return args
+
+    def env(self, extra: Optional[dict] = None) -> dict:
+        return script_env(self.tool, self.work, extra)
+
+
+def make_inputs(work: Path, arch: str = "amd64") -> Inputs:
+    work.mkdir(parents=True, exist_ok=True)
+    tool = registry_binary(work)
+    registry = tool if arch == "amd64" else elf_file(work / "minimal-registry-linux-arm64", arch)
+    record = work / "install-record.txt"
+    return Inputs(work=work, arch=arch, k3s=elf_file(work / f"k3s-{arch}", arch),
+                  install_sh=standin_install_sh(work / "install.sh", record), record=record,
+                  registry=registry, tool=tool)
+
+
+def make_media(inputs: Inputs, tree: Path, media: Path, *extra: str,
+               env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    return run([MAKE_MEDIA, "-o", media, "-r", tree, *inputs.args(), *extra],
+               env=env or inputs.env())
+
+
+def install_node(media: Path, root: Path, *args: str, env: Optional[dict] = None,
+                 passthrough: List[str] = ()) -> subprocess.CompletedProcess:
+    command = ["bash", media / "install-node.sh", "--root", root, "--no-start", *args]
+    if passthrough:
+        command += ["--", *passthrough]
+    return run(command, env=env)
+
+
+def file_states(directory: Path) -> Dict[str, tuple]:
+    """name -> (inode, mtime_ns, sha256) of every file below `directory`."""
+    states = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            stat = path.stat()
+            states[str(path.relative_to(directory))] = (
+                stat.st_ino, stat.st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+    return states
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ----- fixtures -------------------------------------------------------------------------------
+
+@pytest.fixture
+def inputs(tmp_path) -> Inputs:
+    return make_inputs(tmp_path / "inputs")
+
+
+@pytest.fixture
+def tree(tmp_path) -> Path:
+    """A small real tree of this test's own, free to change."""
+    return build_standard_tree(tmp_path / "src" / "registry", with_big=False).root
+
+
+@pytest.fixture
+def media(inputs, tree, tmp_path) -> Path:
+    media = tmp_path / "media"
+    result = make_media(inputs, tree, media)
+    assert result.returncode == 0, describe(result)
+    return media
+
+
+# ----- shellcheck -----------------------------------------------------------------------------
+
+def test_every_script_passes_shellcheck():
+    if not shutil.which("shellcheck"):
+        pytest.fail("shellcheck is not installed (CI: apt-get install shellcheck)", pytrace=False)
+    scripts = sorted((PROJECT_ROOT / "scripts").glob("*.sh"))
+    scripts += sorted(p for p in (PROJECT_ROOT / ".ci").glob("*") if p.is_file()
+                      and p.read_bytes()[:2] == b"#!" and b"sh" in p.read_bytes().split(b"\n")[0])
+    assert MAKE_MEDIA in scripts and INSTALL_NODE in scripts
+    result = run(["shellcheck", "--external-sources", *scripts], cwd=PROJECT_ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_scripts_document_usage_in_help():
+    for script, words in ((MAKE_MEDIA, ["-o DIR", "--download", "K3S_RELEASE_URL", "--zstd"]),
+                          (INSTALL_NODE, ["--root DIR", "--no-start", "--dummy-route", "--agent"])):
+        result = run(["bash", script, "--help"])
+        assert result.returncode == 0, describe(result)
+        for word in words:
+            assert word in result.stdout, f"{script.name} --help does not mention {word}"
+
+
+# ----- make-airgap-media.sh -------------------------------------------------------------------
+
+def test_media_holds_every_file_with_matching_checksums(media, inputs):
+    assert sorted(p.name for p in media.iterdir()) == MEDIA_FILES
+    check = run(["sha256sum", "--check", "--strict", "SHA256SUMS"], cwd=media)
+    assert check.returncode == 0, describe(check)
+    listed = sorted(line.split()[1] for line in (media / "SHA256SUMS").read_text().splitlines())
+    assert listed == sorted(set(MEDIA_FILES) - {"SHA256SUMS"})
+    assert (media / "k3s").read_bytes() == inputs.k3s.read_bytes()
+    assert (media / "minimal-registry.service").read_bytes() == (PROJECT_ROOT / "minimal-registry.service").read_bytes()
+    assert (media / "install-node.sh").read_bytes() == INSTALL_NODE.read_bytes()
+    assert (media / "registries.yaml").read_bytes() == (PROJECT_ROOT / "packaging/registries.yaml").read_bytes()
+    readme = (media / "README.txt").read_text()
+    assert K3S_VERSION in readme and "linux/amd64" in readme and "install-node.sh" in readme
+    assert "@" not in readme.replace("@-", ""), "a template placeholder was left in README.txt"
+
+
+def test_archive_is_the_tree_under_registry(media, tree, tmp_path):
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    result = run(["tar", "-xzf", media / "registry.tar.gz", "-C", unpacked])
+    assert result.returncode == 0, describe(result)
+    assert [p.name for p in unpacked.iterdir()] == ["registry"]
+    original = {str(p.relative_to(tree)): (p.is_symlink() and os.readlink(p)) or (p.is_file() and p.read_bytes())
+                for p in tree.rglob("*")}
+    copied = {str(p.relative_to(unpacked / "registry")): (p.is_symlink() and os.readlink(p)) or (p.is_file() and p.read_bytes())
+              for p in (unpacked / "registry").rglob("*")}
+    assert copied == original
+
+
+def test_archive_is_deterministic(inputs, tree, tmp_path):
+    """Same tree, same bytes: sorted names, owner 0, mtime 0, gzip without name or time."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    for media in (first, second):
+        result = make_media(inputs, tree, media)
+        assert result.returncode == 0, describe(result)
+    # Touching the tree's files (mtimes, atimes) changes nothing either.
+    for path in tree.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.utime(path, (1_700_000_000, 1_700_000_000))
+    third = tmp_path / "third"
+    assert make_media(inputs, tree, third).returncode == 0
+    archive = (first / "registry.tar.gz").read_bytes()
+    assert archive == (second / "registry.tar.gz").read_bytes() == (third / "registry.tar.gz").read_bytes()
+    assert archive[3] & 0x08 == 0, "gzip header records a file name (use gzip -n)"
+    assert archive[4:8] == bytes(4), "gzip header records a time (use gzip -n)"
+    listing = run(["tar", "--numeric-owner", "-tvzf", first / "registry.tar.gz"]).stdout.splitlines()
+    assert all(" 0/0 " in line and " 1970-01-01 00:00 " in line for line in listing), listing[:3]
+    assert listing[0].split()[5] == "registry/"
+    assert (first / "SHA256SUMS").read_bytes() == (third / "SHA256SUMS").read_bytes()
+
+
+def test_rerun_changes_nothing_and_says_so(media, inputs, tree):
+    before = file_states(media)
+    result = make_media(inputs, tree, media)
+    assert result.returncode == 0, describe(result)
+    assert "nothing to do" in result.stderr
+    assert file_states(media) == before
+    assert not [p for p in media.iterdir() if p.name.startswith(".")], "staging left behind"
+
+
+def test_rerun_replaces_only_what_changed(media, inputs, tree, tmp_path):
+    before = file_states(media)
+    other_yaml = tmp_path / "other-registries.yaml"
+    other_yaml.write_text((PROJECT_ROOT / "packaging/registries.yaml").read_text()
+                          + "  docker.io:\n    endpoint:\n      - \"http://127.0.0.1:9080\"\n")
+    result = make_media(inputs, tree, media, "-y", other_yaml)
+    assert result.returncode == 0, describe(result)
+    after = file_states(media)
+    changed = sorted(name for name in after if after[name] != before.get(name))
+    assert changed == ["SHA256SUMS", "registries.yaml"]
+    assert run(["sha256sum", "--check", "--strict", "SHA256SUMS"], cwd=media).returncode == 0
+
+
+def test_registries_yaml_beside_the_tree_is_used(inputs, tree, tmp_path):
+    """download-system-images.sh writes one beside the tree; it matches the tree."""
+    beside = tree.parent / "registries.yaml"
+    beside.write_text("mirrors:\n  bootstrap-registry.airgap:\n    endpoint:\n"
+                      "      - \"http://127.0.0.1:9080\"\n  ghcr.io:\n    endpoint:\n"
+                      "      - \"http://127.0.0.1:9080\"\n")
+    media = tmp_path / "media"
+    result = make_media(inputs, tree, media)
+    assert result.returncode == 0, describe(result)
+    assert (media / "registries.yaml").read_bytes() == beside.read_bytes()
+
+
+def test_zstd_archive_replaces_the_gzip_one(media, inputs, tree):
+    if not shutil.which("zstd"):
+        pytest.fail("zstd is not installed (CI: apt-get install zstd)", pytrace=False)
+    result = make_media(inputs, tree, media, "--zstd")
+    assert result.returncode == 0, describe(result)
+    names = sorted(p.name for p in media.iterdir())
+    assert "registry.tar.zst" in names and "registry.tar.gz" not in names
+    assert run(["sha256sum", "--check", "--strict", "SHA256SUMS"], cwd=media).returncode == 0
+    listing = run(["tar", "--zstd", "-tf", media / "registry.tar.zst"])
+    assert listing.returncode == 0 and "registry/blobs/" in listing.stdout.split()
+
+
+def test_arm64_media(tree, tmp_path):
+    inputs = make_inputs(tmp_path / "arm64", arch="arm64")
+    media = tmp_path / "media"
+    result = make_media(inputs, tree, media)
+    assert result.returncode == 0, describe(result)
+    assert (media / "k3s").read_bytes()[18:20] == struct.pack("<H", ELF_MACHINES["arm64"])
+    assert (media / "minimal-registry").read_bytes() == inputs.registry.read_bytes()
+    assert "linux/arm64" in (media / "README.txt").read_text()
+
+
+@pytest.mark.parametrize("which", ["k3s", "minimal-registry"])
+def test_wrong_architecture_is_refused_before_writing(inputs, tree, tmp_path, which):
+    wrong = elf_file(tmp_path / f"{which}-arm64", "arm64")
+    if which == "k3s":
+        inputs.k3s = wrong
+    else:
+        inputs.registry = wrong
+    media = tmp_path / "media"
+    result = make_media(inputs, tree, media)
+    assert result.returncode != 0
+    assert f"{wrong} is arm64, not amd64" in result.stderr, result.stderr
+    assert not media.exists()
+
+
+def test_a_script_as_minimal_registry_needs_allow_script(inputs, tree, tmp_path):
+    script = tmp_path / "script"
+    script.write_text("#!/bin/sh\n")
+    args = [a for a in inputs.args() if a != "--allow-script"]
+    args[args.index("-m") + 1] = script
+    result = run([MAKE_MEDIA, "-o", tmp_path / "media", "-r", tree, *args], env=inputs.env())
+    assert result.returncode == 1
+    assert f"{script} is a script, not the one-file binary (--allow-script" in result.stderr
+    assert not (tmp_path / "media").exists()
+
+
+@pytest.mark.parametrize("flag", ["-k", "-i", "-m", "-r"])
+def test_a_missing_input_is_named(inputs, tree, tmp_path, flag):
+    missing = tmp_path / "no-such-file"
+    args = [MAKE_MEDIA, "-o", tmp_path / "media", "-r", tree, *inputs.args()]
+    args[args.index(flag) + 1] = missing
+    result = run(args, env=inputs.env())
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("[ERROR]")]
+    assert len(errors) == 1 and str(missing) in errors[0], result.stderr
+    assert not (tmp_path / "media").exists()
+
+
+def test_install_script_that_is_not_a_script_is_refused(inputs, tree, tmp_path):
+    inputs.install_sh.write_text("<html>404 Not Found</html>\n")
+    result = make_media(inputs, tree, tmp_path / "media")
+    assert result.returncode == 1
+    assert "is not a shell script" in result.stderr
+
+
+def test_a_tree_that_fails_verify_is_refused(inputs, tree, tmp_path):
+    blob = next(p for p in (tree / "blobs").iterdir() if p.stat().st_size > 100)
+    with open(blob, "r+b") as handle:
+        handle.truncate(10)
+    result = make_media(inputs, tree, tmp_path / "media")
+    assert result.returncode == 1, describe(result)
+    assert "fails minimal-registry verify --fast" in result.stderr
+    assert blob.name in result.stdout + result.stderr, "verify's report should name the blob"
+    assert not (tmp_path / "media" / "registry.tar.gz").exists()
+
+
+def test_not_enough_space_is_refused(inputs, tree, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", small])
+    if mounted.returncode != 0:
+        pytest.fail(f"this test mounts a 64 KiB tmpfs and needs root: {mounted.stderr}", pytrace=False)
+    try:
+        result = make_media(inputs, tree, small)
+        assert result.returncode == 1, describe(result)
+        assert "not enough space on" in result.stderr and "MiB needed" in result.stderr
+        assert list(small.iterdir()) == []
+    finally:
+        run(["umount", small])
+
+
+# ----- bundles --------------------------------------------------------------------------------
+
+def test_bundle_is_copied_as_is(media, inputs, tmp_path):
+    bundle = tmp_path / "bundle" / "registry.tar.gz"
+    bundle.parent.mkdir()
+    shutil.copyfile(media / "registry.tar.gz", bundle)
+    other = tmp_path / "other"
+    result = run([MAKE_MEDIA, "-o", other, "-b", bundle, *inputs.args()], env=inputs.env())
+    assert result.returncode == 0, describe(result)
+    assert (other / "registry.tar.gz").read_bytes() == bundle.read_bytes()
+    assert (other / "SHA256SUMS").read_bytes() == (media / "SHA256SUMS").read_bytes()
+
+
+def test_truncated_bundle_is_refused(media, inputs, tmp_path):
+    bundle = tmp_path / "registry.tar.gz"
+    data = (media / "registry.tar.gz").read_bytes()
+    bundle.write_bytes(data[: len(data) // 2])
+    result = run([MAKE_MEDIA, "-o", tmp_path / "other", "-b", bundle, *inputs.args()], env=inputs.env())
+    assert result.returncode == 1
+    assert "is not a complete archive" in result.stderr
+
+
+# ----- --download against a local release server ----------------------------------------------
+
+class ReleaseHandler(http.server.SimpleHTTPRequestHandler):
+    """Files from the directory; /channels/<name> redirects like update.k3s.io does."""
+
+    def do_GET(self):
+        if self.path.startswith("/channels/"):
+            self.send_response(302)
+            self.send_header("Location", "/releases/tag/" + K3S_VERSION.replace("+", "%2B"))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.server.requests.append(self.path)
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@dataclass
+class ReleaseServer:
+    root: Path
+    url: str
+    requests: List[str]
+
+    def env(self) -> dict:
+        return {"K3S_RELEASE_URL": f"{self.url}/releases/download",
+                "K3S_CHANNEL_URL": f"{self.url}/channels",
+                "K3S_INSTALL_SCRIPT_URL": f"{self.url}/install.sh"}
+
+
+@contextmanager
+def release_server(root: Path) -> Iterator[ReleaseServer]:
+    handler = lambda *a, **k: ReleaseHandler(*a, directory=str(root), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.requests = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield ReleaseServer(root, f"http://127.0.0.1:{server.server_address[1]}", server.requests)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def publish_release(root: Path, inputs: Inputs, checksum: Optional[str] = None) -> None:
+    """Lay out a K3s release as github.com serves it: releases/download/<version>/<file>."""
+    release = root / "releases/download" / K3S_VERSION
+    release.mkdir(parents=True)
+    asset = "k3s" if inputs.arch == "amd64" else f"k3s-{inputs.arch}"
+    shutil.copyfile(inputs.k3s, release / asset)
+    digest = checksum or sha256_file(inputs.k3s)
+    (release / f"sha256sum-{inputs.arch}.txt").write_text(
+        f"{'0' * 64}  k3s-airgap-images-{inputs.arch}.tar.zst\n{digest}  {asset}\n")
+    (root / "releases/tag").mkdir(parents=True)
+    (root / "releases/tag" / K3S_VERSION).write_text("release page\n")
+    shutil.copyfile(inputs.install_sh, root / "install.sh")
+
+
+def download_args(inputs: Inputs, cache: Path, version: str = K3S_VERSION) -> List[str]:
+    args = inputs.args()
+    for flag in ("-k", "-i", "-v"):
+        at = args.index(flag)
+        del args[at:at + 2]
+    return args + ["--download", "--cache", cache, "-v", version]
+
+
+@pytest.mark.parametrize("version", [K3S_VERSION, "stable"])
+def test_download_fetches_checks_and_caches(inputs, tree, tmp_path, version):
+    site, cache, media = tmp_path / "site", tmp_path / "k3s-cache", tmp_path / "media"
+    publish_release(site, inputs)
+    with release_server(site) as server:
+        result = run([MAKE_MEDIA, "-o", media, "-r", tree, *download_args(inputs, cache, version)],
+                     env=inputs.env(server.env()))
+        assert result.returncode == 0, describe(result)
+        assert f"k3s {K3S_VERSION} amd64 matches sha256sum-amd64.txt" in result.stderr
+        assert "/releases/download/v1.31.4%2Bk3s1/k3s" in server.requests
+    assert (media / "k3s").read_bytes() == inputs.k3s.read_bytes()
+    assert (media / "install.sh").read_bytes() == inputs.install_sh.read_bytes()
+    assert (cache / K3S_VERSION / "amd64" / "k3s").is_file()
+    assert K3S_VERSION in (media / "README.txt").read_text()
+    # A second run needs no network: the cache holds checked files.
+    again = run([MAKE_MEDIA, "-o", media, "-r", tree, *download_args(inputs, cache)],
+                env=inputs.env({"K3S_RELEASE_URL": "http://127.0.0.1:9/nowhere",
+                                "K3S_INSTALL_SCRIPT_URL": "http://127.0.0.1:9/nowhere"}))
+    assert again.returncode == 0, describe(again)
+    assert "nothing to do" in again.stderr
+
+
+def test_download_with_a_wrong_checksum_fails_and_keeps_nothing(inputs, tree, tmp_path):
+    site, cache, media = tmp_path / "site", tmp_path / "k3s-cache", tmp_path / "media"
+    publish_release(site, inputs, checksum="ab" * 32)
+    with release_server(site) as server:
+        result = run([MAKE_MEDIA, "-o", media, "-r", tree, *download_args(inputs, cache)],
+                     env=inputs.env(server.env()))
+    assert result.returncode == 1, describe(result)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("[ERROR]")]
+    assert len(errors) == 1 and "checksum mismatch" in errors[0] and "ab" * 32 in errors[0], result.stderr
+    assert not (cache / K3S_VERSION / "amd64" / "k3s").exists()
+    assert not media.exists()
+
+
+def test_download_of_a_missing_release_names_the_url(inputs, tree, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    with release_server(site) as server:
+        result = run([MAKE_MEDIA, "-o", tmp_path / "media", "-r", tree,
+                      *download_args(inputs, tmp_path / "cache")], env=inputs.env(server.env()))
+    assert result.returncode == 1
+    assert "download failed: " + server.url + "/releases/download/v1.31.4%2Bk3s1/sha256sum-amd64.txt" in result.stderr
+
+
+# ----- install-node.sh ------------------------------------------------------------------------
+
+def installed(root: Path) -> Dict[str, Path]:
+    return {
+        "binary": root / "usr/local/bin/minimal-registry",
+        "unit": root / "etc/systemd/system/minimal-registry.service",
+        "content": root / "var/lib/rancher/k3s/agent/registry",
+        "registries": root / "etc/rancher/k3s/registries.yaml",
+        "k3s": root / "usr/local/bin/k3s",
+    }
+
+
+def test_install_node_installs_everything_under_root(media, inputs, tree, tmp_path):
+    root = tmp_path / "root"
+    result = install_node(media, root, env=inputs.env(), passthrough=["--disable=traefik"])
+    assert result.returncode == 0, describe(result)
+    paths = installed(root)
+    assert paths["binary"].read_bytes() == (media / "minimal-registry").read_bytes()
+    assert paths["binary"].stat().st_mode & 0o777 == 0o755
+    assert paths["unit"].read_bytes() == (media / "minimal-registry.service").read_bytes()
+    assert paths["registries"].read_bytes() == (media / "registries.yaml").read_bytes()
+    assert paths["k3s"].read_bytes() == inputs.k3s.read_bytes()
+    tree_files = sorted(str(p.relative_to(tree)) for p in tree.rglob("*"))
+    assert sorted(str(p.relative_to(paths["content"])) for p in paths["content"].rglob("*")) == tree_files
+    wants = root / "etc/systemd/system/multi-user.target.wants/minimal-registry.service"
+    assert wants.is_symlink() and os.readlink(wants) == "/etc/systemd/system/minimal-registry.service"
+    assert (root / "etc/systemd/system/k3s.service.wants/minimal-registry.service").is_symlink()
+    record = read_record(inputs.record)
+    assert record["args"] == ["server", "--system-default-registry", "bootstrap-registry.airgap",
+                              "--disable=traefik"]
+    assert "INSTALL_K3S_SKIP_DOWNLOAD=true" in record["env"]
+    assert "INSTALL_K3S_SKIP_START=true" in record["env"]
+    assert "INSTALL_K3S_SKIP_ENABLE=true" in record["env"]
+    assert f"INSTALL_K3S_BIN_DIR={root}/usr/local/bin" in record["env"]
+    assert f"INSTALL_K3S_SYSTEMD_DIR={root}/etc/systemd/system" in record["env"]
+    leftovers = [p.name for p in (root / "var/lib/rancher/k3s/agent").iterdir() if p.name.startswith(".registry.")]
+    assert leftovers == [".registry.sha256"]
+
+
+def test_install_node_second_run_changes_nothing(media, inputs, tmp_path):
+    root = tmp_path / "root"
+    assert install_node(media, root, env=inputs.env()).returncode == 0
+    before = file_states(root)
+    result = install_node(media, root, env=inputs.env())
+    assert result.returncode == 0, describe(result)
+    assert "nothing to do" in result.stderr
+    assert file_states(root) == before
+
+
+@pytest.mark.parametrize("name", ["registry.tar.gz", "k3s", "minimal-registry", "install.sh"])
+def test_install_node_refuses_a_corrupt_file_before_installing_anything(media, inputs, tmp_path, name):
+    path = media / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    root = tmp_path / "root"
+    result = install_node(media, root, env=inputs.env())
+    assert result.returncode == 1, describe(result)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("[ERROR]")]
+    assert len(errors) == 1 and f"{name} on the media is corrupt" in errors[0], result.stderr
+    assert list(root.rglob("*")) == [], "something was installed from corrupt media"
+    assert not inputs.record.exists()
+
+
+def test_install_node_refuses_media_with_a_file_missing(media, inputs, tmp_path):
+    (media / "minimal-registry.service").unlink()
+    root = tmp_path / "root"
+    result = install_node(media, root, env=inputs.env())
+    assert result.returncode == 1
+    assert "minimal-registry.service is listed in SHA256SUMS but missing" in result.stderr
+    assert list(root.rglob("*")) == []
+
+
+def test_install_node_refuses_a_tree_that_fails_verify(inputs, tree, tmp_path):
+    """A tree broken before packing (so SHA256SUMS matches) still never reaches the node."""
+    media = tmp_path / "media"
+    assert make_media(inputs, tree, media).returncode == 0
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    run(["tar", "-xzf", media / "registry.tar.gz", "-C", unpacked])
+    blob = next(p for p in (unpacked / "registry/blobs").iterdir() if p.stat().st_size > 100)
+    blob.unlink()
+    archive = media / "registry.tar.gz"
+    packed = run(["sh", "-c", f"tar -C '{unpacked}' -cf - registry | gzip -n > '{archive}'"])
+    assert packed.returncode == 0
+    sums = (media / "SHA256SUMS").read_text().splitlines()
+    (media / "SHA256SUMS").write_text("".join(
+        f"{sha256_file(archive)}  registry.tar.gz\n" if line.endswith(" registry.tar.gz") else line + "\n"
+        for line in sums))
+    root = tmp_path / "root"
+    result = install_node(media, root, env=inputs.env())
+    assert result.returncode == 1, describe(result)
+    assert "fails minimal-registry verify --fast; nothing was installed" in result.stderr
+    assert not installed(root)["binary"].exists() and not installed(root)["content"].exists()
+    agent = root / "var/lib/rancher/k3s/agent"
+    assert [p.name for p in agent.iterdir()] == [], "the unpacked tree was left behind"
+
+
+def test_install_node_replaces_the_content_when_the_media_changes(media, inputs, tree, tmp_path):
+    root = tmp_path / "root"
+    assert install_node(media, root, env=inputs.env()).returncode == 0
+    TreeBuilder(tree).image("extra/image", "v2", files={"new.txt": b"new\n"})
+    assert make_media(inputs, tree, media).returncode == 0
+    result = install_node(media, root, env=inputs.env())
+    assert result.returncode == 0, describe(result)
+    content = installed(root)["content"]
+    assert (content / "extra/image/manifests/v2").exists()
+    assert "installed /var/lib/rancher/k3s/agent/registry" in result.stderr
+    assert "installed /usr/local/bin/minimal-registry" not in result.stderr
+    assert sorted(p.name for p in content.parent.iterdir()) == [".registry.sha256", "registry"]
+
+
+def test_install_node_keeps_an_existing_registries_yaml_unless_forced(media, inputs, tmp_path):
+    root = tmp_path / "root"
+    mine = installed(root)["registries"]
+    mine.parent.mkdir(parents=True)
+    mine.write_text("mirrors:\n  docker.io:\n    endpoint:\n      - \"https://mirror.example\"\n")
+    result = install_node(media, root, env=inputs.env())
+    assert result.returncode == 0, describe(result)
+    assert "keeping the existing /etc/rancher/k3s/registries.yaml" in result.stderr
+    assert "mirror.example" in mine.read_text()
+    forced = install_node(media, root, "--force", env=inputs.env())
+    assert forced.returncode == 0, describe(forced)
+    assert mine.read_bytes() == (media / "registries.yaml").read_bytes()
+    assert "mirror.example" in (mine.parent / "registries.yaml.bak").read_text()
+
+
+def test_install_node_agent_passes_server_and_token(media, inputs, tmp_path):
+    root = tmp_path / "root"
+    no_url = install_node(media, root, "--agent", env=inputs.env())
+    assert no_url.returncode == 1 and "K3S_URL" in no_url.stderr
+    assert list(root.rglob("*")) == []
+    env = inputs.env({"K3S_URL": "https://10.0.0.1:6443", "K3S_TOKEN": "secret"})
+    result = install_node(media, root, "--agent", env=env, passthrough=["--node-label=a=b"])
+    assert result.returncode == 0, describe(result)
+    record = read_record(inputs.record)
+    # `k3s agent` has no --system-default-registry: agents take it from their server.
+    assert record["args"] == ["agent", "--node-label=a=b"]
+    assert "K3S_URL=https://10.0.0.1:6443" in record["env"] and "K3S_TOKEN=secret" in record["env"]
+
+
+def test_install_node_does_not_repeat_a_given_system_default_registry(media, inputs, tmp_path):
+    result = install_node(media, tmp_path / "root", env=inputs.env(),
+                          passthrough=["server", "--system-default-registry=registry.local"])
+    assert result.returncode == 0, describe(result)
+    assert read_record(inputs.record)["args"] == ["server", "--system-default-registry=registry.local"]
+
+
+def test_install_node_skip_k3s_runs_no_installer(media, inputs, tmp_path):
+    root = tmp_path / "root"
+    result = install_node(media, root, "--skip-k3s", env=inputs.env())
+    assert result.returncode == 0, describe(result)
+    assert not inputs.record.exists() and not installed(root)["k3s"].exists()
+    assert installed(root)["binary"].exists()
+
+
+def test_install_node_dummy_route_installs_a_boot_unit(media, inputs, tmp_path):
+    root = tmp_path / "root"
+    result = install_node(media, root, "--dummy-route", env=inputs.env())
+    assert result.returncode == 0, describe(result)
+    unit = root / "etc/systemd/system/airgap-default-route.service"
+    text = unit.read_text()
+    assert "Before=k3s.service k3s-agent.service" in text
+    assert "169.254.255.255 dev dummy0" in text
+    assert (root / "etc/systemd/system/multi-user.target.wants/airgap-default-route.service").is_symlink()
+
+
+def test_install_node_unzstd_media(media, inputs, tree, tmp_path):
+    assert make_media(inputs, tree, media, "--zstd").returncode == 0
+    root = tmp_path / "root"
+    result = install_node(media, root, env=inputs.env())
+    assert result.returncode == 0, describe(result)
+    assert (installed(root)["content"] / "blobs").is_dir()
