@@ -305,7 +305,7 @@ class Containerd:
         return {line.split()[0] for line in listing[1:] if line.strip()}
 
     def ready_images(self) -> Set[str]:
-        """Refs fully downloaded AND unpacked (`ctr images check -q`)."""
+        """Refs fully downloaded AND unpacked (`ctr images check -q`) for THIS machine's platform."""
         return set(self.ctr("images", "check", "-q", "--snapshotter", self.snapshotter,
                             check=True).stdout.split())
 
@@ -492,9 +492,14 @@ def skopeo_inspect_raw(host_port: str, repository: str, reference: str) -> bytes
     return result.stdout
 
 
-def skopeo_inspect(host_port: str, repository: str, reference: str, tags: bool = True) -> dict:
-    """`skopeo inspect` (config and, unless tags=False, the repository's tag list)."""
-    args = ["inspect", "--tls-verify=false"] + ([] if tags else ["--no-tags"])
+def skopeo_inspect(host_port: str, repository: str, reference: str, tags: bool = True,
+                   platform: str = "linux/amd64") -> dict:
+    """`skopeo inspect` (config and, unless tags=False, the repository's tag list); for an
+    index, of its `platform` instance whatever this machine is."""
+    system, architecture, *variant = platform.split("/")
+    args = ["--override-os", system, "--override-arch", architecture]
+    args += ["--override-variant", variant[0]] if variant else []
+    args += ["inspect", "--tls-verify=false"] + ([] if tags else ["--no-tags"])
     result = skopeo(*args, docker_ref(host_port, repository, reference), check=True)
     return json.loads(result.stdout)
 
