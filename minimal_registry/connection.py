@@ -16,6 +16,7 @@ and pywsgi lacks (PROTOCOL.md, "gevent facts"):
 """
 
 import json
+import logging
 import os
 import socket
 import time
@@ -27,6 +28,8 @@ from gevent.socket import wait_write
 
 from minimal_registry.app import SENDFILE_KEY
 from minimal_registry.errors import RegistryError
+
+log = logging.getLogger("minimal_registry")
 
 
 class SendStalled(socket.timeout):
@@ -57,11 +60,21 @@ BAD_REQUEST = _bad_request_response()
 # After a final error answer: how long, and how much, to read from a client still sending.
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 1024 * 1024
+# Bodies up to this size are sent in the same write as the headers.
+COALESCE_LIMIT = 64 * 1024
 
 
 class RegistryHandler(WSGIHandler):
     _header_deadline = None
     _has_body = False
+
+    def __init__(self, sock, address, server, rfile=None):
+        super().__init__(sock, address, server, rfile)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Headers and body go out in separate writes (sendfile cannot carry the headers):
+            # with Nagle's algorithm the second waits for the client's delayed ACK, ~40 ms
+            # on every response.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     # --- deadlines ------------------------------------------------------------------------
 
@@ -89,8 +102,7 @@ class RegistryHandler(WSGIHandler):
         except gevent.Timeout as timeout:
             if timeout is not self._header_deadline:
                 raise
-            self.log_error("(from %s) request headers not received within %ss: connection closed",
-                           self.client_address, server.header_timeout)
+            self._warn(f"request headers not received within {server.header_timeout}s: connection closed")
             return None
         finally:
             self._header_deadline.close()
@@ -160,12 +172,38 @@ class RegistryHandler(WSGIHandler):
         if self.close_connection and not any(name.lower() == b"connection" for name, _ in self.response_headers):
             self.response_headers.append((b"Connection", b"close"))
 
+    def _write_with_headers(self, data):
+        # One write for the head and a small body (a manifest, an error): one packet, one
+        # syscall, instead of pywsgi's two.
+        if not data or len(data) > COALESCE_LIMIT:
+            return super()._write_with_headers(data)
+        self.headers_sent = True
+        self.finalize_headers()
+        if self.response_use_chunked:
+            self.headers_sent = False
+            return super()._write_with_headers(data)
+        self._sendall(self._head() + data)
+
+    def _head(self) -> bytes:
+        head = bytearray(b"HTTP/1.1 ")
+        head += self.status + b"\r\n"
+        for name, value in self.response_headers:
+            head += name + b": " + value + b"\r\n"
+        head += b"\r\n"
+        return bytes(head)
+
     # --- zero-copy sending ----------------------------------------------------------------
 
     def process_result(self):
         if not isinstance(self.result, SendfileBody):
             return super().process_result()
-        self.write(b"")  # the status line and headers (Content-Length is exact)
+        self.headers_sent = True
+        self.finalize_headers()
+        head = self._head()
+        # MSG_MORE: hold the head back so it leaves in the same packet as the file's first
+        # bytes (TCP_NODELAY would otherwise send it alone).
+        self.socket.sendall(head, socket.MSG_MORE)
+        self.response_length += len(head)
         self._sendfile(self.result)
 
     def _sendfile(self, body: SendfileBody) -> None:
@@ -199,11 +237,19 @@ class RegistryHandler(WSGIHandler):
         super().handle_error(t, v, tb)
 
     def _handle_client_error(self, ex):
-        # pywsgi prints a traceback for some client mistakes (over 100 headers); one line is
-        # all a malformed request deserves.
-        self.log_error("(from %s) malformed request: %s", self.client_address,
-                       getattr(ex, "formatted_message", None) or str(ex) or type(ex).__name__)
+        # pywsgi prints a traceback for some client mistakes (over 100 headers) and the raw
+        # bytes for others; one clean line is all a malformed request deserves.
+        if (self.requestline or "").startswith("\x16\x03"):
+            self._warn("TLS handshake on a plain-HTTP port: the client wants https://, this listener serves http://")
+        else:
+            reason = getattr(ex, "formatted_message", None) or str(ex) or type(ex).__name__
+            self._warn(f"malformed request: {ascii(reason)[1:-1][:200]}")
         return ("400", BAD_REQUEST)
+
+    def _warn(self, message: str) -> None:
+        client = self.client_address
+        where = f"{client[0]}:{client[1]}" if isinstance(client, tuple) else str(client)
+        log.warning("client %s: %s", where, message)
 
     # --- access log -----------------------------------------------------------------------
 
@@ -217,9 +263,9 @@ class RegistryHandler(WSGIHandler):
         duration = (self.time_finish or time.time()) - self.time_start
         client = self.client_address[0] if isinstance(self.client_address, tuple) else self.client_address
         status = (self._orig_status or (self.status.decode("latin-1") if isinstance(self.status, bytes) else self.status) or "000").split()[0]
-        method = self.command or "-"
-        path = self.path or "-"
-        user_agent = self.headers.get("User-Agent", "-") if self.headers is not None else "-"
+        method = _printable(self.command or "-")
+        path = _printable(self.path or "-")
+        user_agent = _printable(self.headers.get("User-Agent", "-") if self.headers is not None else "-")
         if self.server.log_format == "json":
             return json.dumps({
                 "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
@@ -229,3 +275,8 @@ class RegistryHandler(WSGIHandler):
         stamp = datetime.now().astimezone().isoformat(timespec="seconds")
         return '%s %s "%s %s" %s %d %.3fs "%s"' % (client or "-", stamp, method, path, status,
                                                    self.response_length, duration, user_agent)
+
+
+def _printable(text: str) -> str:
+    """Client-chosen text as it may go into a log line: printable ASCII, escapes otherwise."""
+    return text if text.isascii() and text.isprintable() else ascii(text)[1:-1]

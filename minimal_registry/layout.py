@@ -59,6 +59,13 @@ def repository_candidates(root: Path, name: str, namespace: Optional[str]) -> Li
     return candidates
 
 
+def repository_relpaths(name: str, namespace: Optional[str]) -> List[str]:
+    """`repository_candidates` as paths relative to ROOT, for the server's hot path."""
+    if namespace and reference.is_host(namespace):
+        return [f"{namespace}/{name}", name]
+    return [name]
+
+
 def tags(manifests: Path) -> List[str]:
     """Tag names in one `manifests/` directory: every entry that is not a digest."""
     try:

@@ -24,6 +24,8 @@ log = logging.getLogger("minimal_registry")
 
 # Enough for every manifest of a large tree; past it the cache starts over (cheap to refill).
 MANIFEST_CACHE_ENTRIES = 16384
+# Links to a name in the same directory followed in a row (tag -> sha256:...) before giving up.
+MAX_LOCAL_LINKS = 8
 
 
 @dataclass(frozen=True)
@@ -81,17 +83,19 @@ class ContentTree:
 
     # --- repositories ---------------------------------------------------------------------
 
-    def _repositories(self, name: str, namespace: Optional[str]) -> List[Path]:
-        """The existing repository directories for `name`, namespaced one first."""
+    def _repositories(self, name: str, namespace: Optional[str]) -> List[str]:
+        """The existing repository directories for `name` (relative to ROOT), namespaced first."""
         if not reference.is_name(name):
             raise errors.name_invalid(name)
-        found = [d for d in layout.repository_candidates(self.root, name, namespace) if layout.is_repository(d)]
+        found = [relative for relative in layout.repository_relpaths(name, namespace)
+                 if os.path.isdir(f"{self.real_root}/{relative}/{layout.MANIFESTS}")]
         if not found:
             raise errors.name_unknown(name)
         return found
 
     def tags(self, name: str, namespace: Optional[str] = None) -> List[str]:
-        return sorted({t for repo in self._repositories(name, namespace) for t in layout.tags(repo / layout.MANIFESTS)})
+        return sorted({tag for relative in self._repositories(name, namespace)
+                       for tag in layout.tags(Path(self.real_root, relative, layout.MANIFESTS))})
 
     def repository_names(self) -> List[str]:
         return sorted(n for n in set(layout.repositories(self.root)) if reference.is_name(n))
@@ -109,9 +113,9 @@ class ContentTree:
             # The conformance suite wants 404, not 400, for a tag outside the grammar.
             raise errors.manifest_unknown(ref, "invalid tag")
 
-        for repo in self._repositories(name, namespace):
-            path = repo / layout.MANIFESTS / ref
-            found = self._stat_inside(path)
+        for repository in self._repositories(name, namespace):
+            relative = f"{repository}/{layout.MANIFESTS}/{ref}"
+            found = self._find(relative)
             if found is None:
                 continue
             real, st = found
@@ -119,7 +123,7 @@ class ContentTree:
                 stored = self.manifests.get(real, st)
             except NotAManifest as error:
                 raise errors.manifest_unknown(ref, f"stored file is not a manifest: {error}") from None
-            expected = ref if reference.is_digest(ref) else layout.tag_target_digest(path)
+            expected = ref if reference.is_digest(ref) else layout.tag_target_digest(Path(self.real_root, relative))
             if expected and stored.digest != expected:
                 self._report_corrupt(real, expected, stored.digest)
                 raise errors.manifest_unknown(ref, "stored manifest is corrupt: its sha256 differs from its name")
@@ -127,12 +131,13 @@ class ContentTree:
         raise errors.manifest_unknown(ref)
 
     def referrers(self, name: str, digest: str, namespace: Optional[str] = None) -> List[Manifest]:
-        self._check_digest(digest)
+        if not reference.is_digest(digest):
+            raise errors.digest_invalid(digest)
         found = {}
-        for repo in self._repositories(name, namespace):
-            manifests_dir = repo / layout.MANIFESTS
-            for candidate in layout.manifest_digests(manifests_dir):
-                located = self._stat_inside(manifests_dir / candidate)
+        for repository in self._repositories(name, namespace):
+            manifests = f"{repository}/{layout.MANIFESTS}"
+            for candidate in layout.manifest_digests(Path(self.real_root, manifests)):
+                located = self._find(f"{manifests}/{candidate}")
                 if located is None or candidate in found:
                     continue
                 try:
@@ -146,14 +151,19 @@ class ContentTree:
     # --- blobs ----------------------------------------------------------------------------
 
     def blob(self, name: str, digest: str, namespace: Optional[str] = None) -> BlobFile:
-        """A blob of repository `name`: `<repo>/blobs/<digest>`, else `ROOT/blobs/<digest>`."""
+        """A blob of repository `name`: `ROOT/blobs/<digest>`, else `<repo>/blobs/<digest>`.
+
+        The shared directory is tried first: it is where blobs live (the repository links
+        point there) and the cheapest to reach. A blob is named by its digest, so either
+        place holds the same bytes.
+        """
         if not reference.is_digest(digest):
             if reference.looks_like_digest(digest) and not digest.startswith("sha256:"):
                 raise errors.blob_unknown(digest)
             raise errors.digest_invalid(digest)
         repositories = self._repositories(name, namespace)
-        for path in [repo / layout.BLOBS / digest for repo in repositories] + [layout.shared_blob_path(self.root, digest)]:
-            found = self._stat_inside(path)
+        for relative in [f"{layout.BLOBS}/{digest}"] + [f"{r}/{layout.BLOBS}/{digest}" for r in repositories]:
+            found = self._find(relative)
             if found is not None:
                 real, st = found
                 return BlobFile(real, st.st_size, digest)
@@ -161,8 +171,37 @@ class ContentTree:
 
     # --- safety ---------------------------------------------------------------------------
 
-    def _stat_inside(self, path: Path) -> Optional[Tuple[str, os.stat_result]]:
-        """(real path, stat) of a regular file that really lies inside the tree, else None."""
+    def _find(self, relative: str) -> Optional[Tuple[str, os.stat_result]]:
+        """(real path, stat) of the regular file at ROOT/`relative`, if it lies inside the tree.
+
+        Walks from the tree's real path one component at a time, so the common case costs
+        one lstat per component below ROOT (realpath would lstat every component from /).
+        A symlink to a name in its own directory (a tag -> sha256:...) is followed in place;
+        any other symlink (blobs -> ../blobs, or anything planted) is resolved in full and
+        then checked against the tree.
+        """
+        current = self.real_root
+        parts = relative.split("/")
+        for index, part in enumerate(parts):
+            candidate = f"{current}/{part}"
+            try:
+                st = os.lstat(candidate)
+                for _hop in range(MAX_LOCAL_LINKS):
+                    if not stat.S_ISLNK(st.st_mode):
+                        break
+                    target = os.readlink(candidate)
+                    if "/" in target or target in (".", ".."):
+                        return self._resolve_in_full("/".join([candidate] + parts[index + 1:]))
+                    candidate = f"{current}/{target}"
+                    st = os.lstat(candidate)
+                else:
+                    return None
+            except (OSError, ValueError):
+                return None
+            current = candidate
+        return (current, st) if stat.S_ISREG(st.st_mode) else None
+
+    def _resolve_in_full(self, path: str) -> Optional[Tuple[str, os.stat_result]]:
         try:
             real = os.path.realpath(path, strict=True)
             st = os.stat(real)
@@ -170,14 +209,10 @@ class ContentTree:
             return None
         if not stat.S_ISREG(st.st_mode):
             return None
-        if _within(real, self.real_root) or _within(real, os.path.realpath(layout.shared_blobs_dir(self.root))):
+        if _within(real, self.real_root) or _within(real, os.path.realpath(f"{self.real_root}/{layout.BLOBS}")):
             return real, st
         log.warning("refusing %s: it resolves to %s, outside the content tree", path, real)
         return None
-
-    def _check_digest(self, digest: str) -> None:
-        if not reference.is_digest(digest):
-            raise errors.digest_invalid(digest)
 
     def _report_corrupt(self, path: str, expected: str, actual: str) -> None:
         if (path, actual) not in self._reported_corrupt:

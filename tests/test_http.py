@@ -203,3 +203,13 @@ def test_an_idle_keep_alive_connection_is_kept_over_30_seconds(registry):
         assert connection.sock is sock  # the same connection, not a silent reconnect
     finally:
         connection.close()
+
+
+def test_a_tls_handshake_on_the_http_port_is_refused_with_one_clean_log_line(registry):
+    hello = bytes.fromhex("16030100de010000da0303") + bytes(range(32)) + b"\x00\x02\x13\x01\x01\x00"
+    answer = raw(registry, hello, timeout=5)
+    assert status_of(answer) == 400
+    time.sleep(0.2)
+    log = registry.log()
+    assert "TLS handshake on a plain-HTTP port" in log
+    assert "\x16" not in log and "gevent._socket3" not in log

@@ -48,7 +48,7 @@ class ImagePlan:
 
 def make(pool: Pool, tree: Path, name: Optional[str], tag: Optional[str], keep_domain: bool,
          wanted_platforms: Optional[List[str]]) -> List[ImagePlan]:
-    roots = _merge(_drop_children(pool, pool.roots))
+    roots = _merge(_drop_children(pool, pool.roots, overriding=name is not None or tag is not None))
     if not roots:
         raise Fatal("the sources name no image", "check the sources")
     plans = []
@@ -66,13 +66,19 @@ def make(pool: Pool, tree: Path, name: Optional[str], tag: Optional[str], keep_d
 
 # ----- roots and names ---------------------------------------------------------------------
 
-def _drop_children(pool: Pool, roots: List[Root]) -> List[Root]:
+def _drop_children(pool: Pool, roots: List[Root], overriding: bool) -> List[Root]:
+    """Roots that are not platform images of another root's index.
+
+    A named one is kept (a layout may tag a platform image on purpose) unless --name/--tag
+    say the sources are one image: then `crane pull --platform` output, which names each
+    platform image after the tag it came from, joins the index it belongs to.
+    """
     children = set()
     for root in roots:
         parsed = pool.manifest(root.digest, root.source)
         if parsed is not None and parsed.is_index:
             children.update(child.digest for child in parsed.children)
-    return [r for r in roots if r.named or r.bare_tags or r.digest not in children]
+    return [r for r in roots if r.digest not in children or (not overriding and (r.named or r.bare_tags))]
 
 
 def _merge(roots: List[Root]) -> List[Root]:
