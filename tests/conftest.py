@@ -4,6 +4,7 @@ import pytest
 
 from imagetree import build_standard_tree
 from serverproc import running_registry
+from fixtures_clients import *  # noqa: F401,F403 - containerd, skopeo and certs.d fixtures
 
 
 @pytest.fixture(scope="session")

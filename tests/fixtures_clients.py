@@ -14,7 +14,7 @@ from typing import Dict, Iterator
 import pytest
 
 import clients
-from imagetree import StandardTree, build_standard_tree
+from imagetree import StandardTree
 from serverproc import RunningRegistry, running_registry
 
 __all__ = ["standard_tree", "tree_registry", "containerd_daemon", "containerd", "certs_dirs",
@@ -22,15 +22,15 @@ __all__ = ["standard_tree", "tree_registry", "containerd_daemon", "containerd", 
 
 
 @pytest.fixture(scope="session")
-def standard_tree(tmp_path_factory) -> StandardTree:
-    return build_standard_tree(tmp_path_factory.mktemp("tree") / "registry", with_big=True)
+def standard_tree(full_tree) -> StandardTree:
+    """The suite's full standard tree (conftest.full_tree), under the name these tests use."""
+    return full_tree
 
 
 @pytest.fixture(scope="session")
-def tree_registry(standard_tree: StandardTree, tmp_path_factory) -> Iterator[RunningRegistry]:
-    log_path = tmp_path_factory.mktemp("registry-log") / "registry.log"
-    with running_registry(standard_tree.root, log_path=log_path) as registry:
-        yield registry
+def tree_registry(registry) -> RunningRegistry:
+    """The suite's registry serving it (conftest.registry)."""
+    return registry
 
 
 @pytest.fixture(scope="session")

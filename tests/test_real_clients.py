@@ -16,7 +16,6 @@ import clients
 import imagetree
 import serverproc
 from clients import MIRRORED_HOST
-from fixtures_clients import *  # noqa: F401,F403  (also imported by conftest.py for the suite)
 
 AMD64 = "linux/amd64"
 
