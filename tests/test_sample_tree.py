@@ -26,8 +26,8 @@ def test_committed_sample_is_exactly_what_the_builder_makes(tmp_path):
             assert filecmp.cmp(SAMPLE_DIR / relative, tmp_path / "sample" / relative, shallow=False), relative
 
 
-def test_sample_serves_its_index_by_both_tags():
-    with running_registry(SAMPLE_DIR) as registry:
+def test_sample_serves_its_index_by_both_tags(tmp_path):
+    with running_registry(SAMPLE_DIR, log_path=tmp_path / "registry.log") as registry:
         latest = request(registry, "GET", "/v2/library/hello/manifests/latest")
         pinned = request(registry, "GET", "/v2/library/hello/manifests/1.0")
         assert latest[0] == pinned[0] == 200
