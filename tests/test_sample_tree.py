@@ -33,3 +33,18 @@ def test_sample_serves_its_index_by_both_tags(tmp_path):
         assert latest[0] == pinned[0] == 200
         assert latest[1]["Content-Type"] == "application/vnd.oci.image.index.v1+json"
         assert latest[1]["Docker-Content-Digest"] == pinned[1]["Docker-Content-Digest"]
+
+
+def test_the_readme_ctr_pull_of_the_sample_works(tmp_path, containerd):
+    """The README's `ctr images pull --hosts-dir ...` against the sample tree, for real."""
+    import clients
+    from sample_tree import README
+
+    with running_registry(SAMPLE_DIR, log_path=tmp_path / "registry.log") as registry:
+        certs_d = tmp_path / "certs.d"
+        clients.write_hosts_toml(certs_d, "bootstrap-registry.airgap", registry.url)
+        pulled = containerd.pull("bootstrap-registry.airgap/library/hello:latest", certs_d)
+        assert pulled.ok, pulled
+        platform = "linux/" + {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
+        files = containerd.read_files("bootstrap-registry.airgap/library/hello:latest", platform, ["hello.txt"])
+        assert files["hello.txt"] == README
