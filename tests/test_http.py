@@ -2,6 +2,7 @@
 slow and vanishing clients (PROTOCOL.md P1-P21)."""
 
 import os
+import signal
 import socket
 import threading
 import time
@@ -213,3 +214,43 @@ def test_a_tls_handshake_on_the_http_port_is_refused_with_one_clean_log_line(reg
     log = registry.log()
     assert "TLS handshake on a plain-HTTP port" in log
     assert "\x16" not in log and "gevent._socket3" not in log
+
+
+def test_blobs_leave_by_sendfile_never_read_into_python(full_tree, tmp_path):
+    """Zero-copy (P14): the kernel copies the file to the socket; Python never reads it."""
+    import shutil
+    import subprocess
+
+    from serverproc import LISTENING_RE, RunningRegistry, command_env, registry_command
+
+    strace = shutil.which("strace")
+    assert strace, "strace is needed to watch the server's system calls (apt-get install strace)"
+    layer = full_tree.big.layers[0]
+    trace, log_path = tmp_path / "trace", tmp_path / "registry.log"
+    command = [strace, "-f", "-qq", "-e", "trace=sendfile,read", "-e", "read=none", "-o", str(trace)]
+    command += registry_command() + ["-d", str(full_tree.root), "-l", "127.0.0.1:0"]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=command_env())
+    try:
+        deadline = time.monotonic() + 30
+        while not LISTENING_RE.search(log_path.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        match = LISTENING_RE.search(log_path.read_text())
+        assert match, log_path.read_text()
+        registry = RunningRegistry(process, full_tree.root, log_path, "http", match.group(2))
+        status, digest, size = sha256_of_body(registry, f"/v2/big/blob/blobs/{layer.digest}")
+        assert (status, digest, size) == (200, layer.digest, layer.size)
+    finally:
+        # Stop the traced server itself; strace then exits with it.
+        for child in subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split():
+            os.kill(int(child), signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    calls = trace.read_text().splitlines()
+    sent = sum(int(line.rsplit("=", 1)[1]) for line in calls if "sendfile(" in line and line.rsplit("=", 1)[1].strip().isdigit())
+    assert sent == layer.size
+    big_reads = [line for line in calls if line.split(" ", 1)[-1].startswith("read(") and line.rsplit("=", 1)[1].strip().isdigit()
+                 and int(line.rsplit("=", 1)[1]) >= 1 << 20]
+    assert big_reads == []  # nothing read the blob into Python
