@@ -48,7 +48,8 @@ def run_script(tmp_path, registry, *args, env=None):
         "TMPDIR": str(tmp_path),
         **(env or {}),
     })
-    done = subprocess.run(["bash", str(SCRIPT), "--tool", "skopeo", *args], capture_output=True, text=True,
+    tool = [] if "--tool" in args else ["--tool", "skopeo"]
+    done = subprocess.run(["bash", str(SCRIPT), *tool, *args], capture_output=True, text=True,
                           env=environment, timeout=180, stdin=subprocess.DEVNULL)
     match = SUMMARY_RE.search(done.stderr)
     counts = tuple(int(n) for n in match.groups()) if match else None
@@ -181,3 +182,63 @@ def test_the_script_is_shellcheck_clean():
         pytest.fail("shellcheck not installed: apt-get install shellcheck", pytrace=False)
     done = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
+
+
+FAKE_CRANE = r"""#!/usr/bin/env bash
+# A stand-in for crane's documented CLI (`crane manifest`, `crane pull --format=oci
+# [--platform=P]`), done with skopeo, so the script's crane path runs where crane is not
+# installed. Every call is logged for the test to read.
+set -o errexit -o nounset -o pipefail
+echo "crane $*" >>"${FAKE_CRANE_LOG}"
+command="$1"; shift
+tls=(); platform=""; format=""; args=()
+for arg in "$@"; do
+  case "${arg}" in
+    --insecure) tls=(--tls-verify=false) ;;
+    --platform=*) platform="${arg#--platform=}" ;;
+    --format=*) format="${arg#--format=}" ;;
+    *) args+=("${arg}") ;;
+  esac
+done
+case "${command}" in
+  manifest) exec skopeo inspect --raw "${tls[@]}" "docker://${args[0]}" ;;
+  pull)
+    [[ "${format}" == oci ]] || { echo "fake crane: only --format=oci" >&2; exit 2; }
+    src_tls=("${tls[@]/--tls-verify/--src-tls-verify}")
+    if [[ -z "${platform}" ]]; then
+      exec skopeo --insecure-policy copy --quiet --all "${src_tls[@]}" "docker://${args[0]}" "oci:${args[1]}"
+    fi
+    IFS=/ read -r os arch variant <<<"${platform}"
+    exec skopeo --insecure-policy --override-os "${os}" --override-arch "${arch}" \
+      ${variant:+--override-variant "${variant}"} copy --quiet "${src_tls[@]}" "docker://${args[0]}" "oci:${args[1]}" ;;
+  *) echo "fake crane: unknown command ${command}" >&2; exit 2 ;;
+esac
+"""
+
+
+def test_the_crane_path_uses_crane_manifest_and_pull_per_platform(tmp_path, upstream):
+    """crane is not installable here: a stand-in with crane's CLI checks the script's calls.
+    OCI images only: the stand-in's skopeo `oci:` would convert Docker manifests, crane does not."""
+    tree, registry = upstream
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "crane").write_text(FAKE_CRANE)
+    (bin_dir / "crane").chmod(0o755)
+    calls = tmp_path / "crane.log"
+    images = tmp_path / "k3s-images.txt"
+    images.write_text(f"{registry.host_port}/{tree.multiarch.name}:{tree.multiarch.tag}\n")
+    target = tmp_path / "registry"
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_CRANE_LOG": str(calls)}
+
+    done, counts = run_script(tmp_path, registry, "--tool", "crane", "-l", str(images), "-d", str(target),
+                              "-p", "linux/amd64,linux/arm64", env=env)
+
+    assert done.returncode == 0, done.stderr
+    assert counts == (1, 0, 0)
+    assert tag_digest(target, tree.multiarch.name, tree.multiarch.tag) == tree.multiarch.digest
+    assert {c.digest for c in tree.multiarch.children} <= manifests_in(target, tree.multiarch.name)
+    log = calls.read_text().splitlines()
+    reference = f"{registry.host_port}/{tree.multiarch.name}:{tree.multiarch.tag}"
+    assert log[0] == f"crane manifest --insecure {reference}"
+    assert [line.split(" --platform=")[1].split()[0] for line in log[1:]] == ["linux/amd64", "linux/arm64"]
+    assert all(line.startswith("crane pull --insecure --format=oci") for line in log[1:])
