@@ -140,7 +140,7 @@ verify_system() {
         fatal "run as root (sudo bash $0), or use --root DIR to install under another directory"
     fi
     local tool
-    for tool in sha256sum tar cmp; do
+    for tool in sha256sum tar gzip od find; do
         command -v "${tool}" >/dev/null 2>&1 || fatal "${tool} is needed and not installed"
     done
     if [ -z "${ROOT}" ] && ! command -v systemctl >/dev/null 2>&1; then
@@ -247,11 +247,20 @@ verify_arch() {
 
 # --- step: install files ---
 
+# Whether two files have the same bytes (sha256sum: cmp is not on every minimal node).
+same_bytes() {
+    [ -f "$1" ] && [ -f "$2" ] || return 1
+    local first second
+    first=$(sha256sum <"$1")
+    second=$(sha256sum <"$2")
+    [ "${first}" = "${second}" ]
+}
+
 # Copy SOURCE to DEST with MODE by a temporary name and a rename, unless DEST already has
 # the same bytes and mode. Returns 0 when it wrote, 1 when nothing changed.
 install_file() {
     local source=$1 dest=$2 mode=$3
-    if [ -f "${dest}" ] && cmp -s -- "${source}" "${dest}" \
+    if same_bytes "${source}" "${dest}" \
         && [ "$(stat -c '%a' -- "${dest}")" = "${mode#0}" ]; then
         return 1
     fi
@@ -355,7 +364,7 @@ install_content() {
 install_registries_yaml() {
     local dest
     dest=$(target "${K3S_CONFIG_DIR}/registries.yaml")
-    if [ -f "${dest}" ] && cmp -s -- "${MEDIA}/registries.yaml" "${dest}"; then
+    if same_bytes "${MEDIA}/registries.yaml" "${dest}"; then
         unchanged "installed ${K3S_CONFIG_DIR}/registries.yaml"
         return
     fi

@@ -12,8 +12,14 @@ No systemd runs here (nor in CI), so each promise of the unit is checked the way
   RestrictAddressFamilies= (installed with libseccomp, as systemd does) and
   MemoryDenyWriteExecute= (the kernel's PR_SET_MDWE, which systemd uses where it can).
 
-Needs: systemd (systemd-analyze), python3-seccomp for /usr/bin/python3, Linux >= 6.3 for MDWE.
-A missing tool fails the test with the reason; CI installs them.
+- and the unit itself under a real systemd 252, run as PID 1 of private namespaces: `systemctl
+  start` returns once READY=1 arrives and /v2/ answers at once; the serving process has no
+  capability, no_new_privs and a seccomp filter, and sees the content tree read-only; SIGKILL
+  is followed by a restart that clears the killed binary's unpacked copy; stop is clean.
+
+Needs: root, systemd (systemd-analyze, /lib/systemd/systemd), util-linux (unshare, nsenter),
+iproute2, python3-seccomp for /usr/bin/python3, Linux >= 6.3 for MDWE. A missing tool fails
+the test with the reason; CI installs them.
 """
 
 import json
@@ -409,3 +415,210 @@ def test_sandbox_has_teeth(tmp_path):
     result = run([SYSTEM_PYTHON, "-c", SANDBOX, sys.executable, "-c", probe], env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:2] == ["setuid denied", "netlink denied"]
+
+
+# ----- under a real systemd ------------------------------------------------------------------
+#
+# systemd 252 runs here as PID 1 of new PID, mount, network and cgroup namespaces (no systemd
+# runs on the machine itself): a tmpfs /run, a cgroup2 mount, and a unit directory of our own
+# bound over /lib/systemd/system holding the unit under test, empty stand-ins for the targets
+# its default dependencies name, and one drop-in sending its output to a file. /usr/local/bin
+# and /var/lib are tmpfs in that mount namespace, holding the binary (or the source with its
+# packages, run by the system python: ProtectHome= hides a venv under /root) and the content
+# tree at the unit's path. Nothing outside the namespaces changes; SIGKILL to its PID 1 ends
+# them all.
+
+BOOT = textwrap.dedent("""\
+    set -e
+    mount -t tmpfs tmpfs /run
+    mount -t cgroup2 cgroup2 /sys/fs/cgroup
+    mount --bind "$UNITS" /lib/systemd/system
+    mount -t tmpfs tmpfs /etc/systemd/system
+    mount -t tmpfs tmpfs /usr/local/bin
+    cp "$PAYLOAD/minimal-registry" /usr/local/bin/minimal-registry
+    mount -t tmpfs tmpfs /usr/local/lib
+    cp -a "$PAYLOAD/lib" /usr/local/lib/minimal-registry
+    mount -t tmpfs tmpfs /var/lib
+    mkdir -p /var/lib/rancher/k3s/agent
+    cp -a "$TREE" /var/lib/rancher/k3s/agent/registry
+    mount -t tmpfs tmpfs /var/log
+    mount -t tmpfs tmpfs /var/cache
+    ip link set lo up
+    exec env container=minimal-registry-test /lib/systemd/systemd --system --unit=test.target \\
+        --log-target=null --show-status=0
+""")
+LOG = "/var/log/minimal-registry-test.log"
+
+
+def systemd_missing() -> str:
+    if os.geteuid() != 0:
+        return "it needs root (namespaces, mounts)"
+    for tool in ("unshare", "nsenter", "ip"):
+        if not shutil.which(tool):
+            return f"{tool} is not installed (util-linux, iproute2)"
+    if not Path("/lib/systemd/systemd").exists():
+        return "/lib/systemd/systemd is missing (apt-get install systemd)"
+    if "cgroup2" not in Path("/proc/filesystems").read_text():
+        return "the kernel has no cgroup2"
+    return ""
+
+
+def payload(directory: Path) -> Path:
+    """/usr/local/bin/minimal-registry for the namespace: the binary, or the source run by the
+    system python with copies of the packages it imports."""
+    directory.mkdir()
+    lib = directory / "lib"
+    lib.mkdir()
+    binary = os.environ.get("MINIMAL_REGISTRY_BIN")
+    if binary:
+        shutil.copy(binary, directory / "minimal-registry")
+        return directory
+    import docopt, gevent, greenlet, zope.event, zope.interface  # noqa: E401
+    shutil.copytree(PROJECT_ROOT / "minimal_registry", lib / "minimal_registry",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for module in (docopt, gevent, greenlet):
+        source = Path(module.__file__).parent
+        shutil.copytree(source, lib / source.name, ignore=shutil.ignore_patterns("tests", "__pycache__"))
+    shutil.copytree(Path(zope.interface.__file__).parent.parent, lib / "zope",
+                    ignore=shutil.ignore_patterns("tests", "__pycache__"))
+    probe = run([SYSTEM_PYTHON, "-c", "import gevent, docopt, minimal_registry.server"],
+                env={"PYTHONPATH": str(lib), "PATH": "/usr/bin:/bin"})
+    if probe.returncode != 0:
+        pytest.fail(f"{SYSTEM_PYTHON} cannot run the source with this venv's packages "
+                    f"(set MINIMAL_REGISTRY_BIN to a built binary):\n{probe.stderr}", pytrace=False)
+    wrapper = directory / "minimal-registry"
+    wrapper.write_text("#!/bin/sh\nPYTHONPATH=/usr/local/lib/minimal-registry "
+                       f"exec {SYSTEM_PYTHON} -m minimal_registry \"$@\"\n")
+    wrapper.chmod(0o755)
+    return directory
+
+
+def unit_directory(directory: Path) -> Path:
+    directory.mkdir()
+    for target in ("sysinit", "basic", "shutdown", "sockets", "timers", "paths", "slices",
+                   "local-fs", "network", "multi-user"):
+        (directory / f"{target}.target").write_text(f"[Unit]\nDescription={target}\n")
+    (directory / "test.target").write_text("[Unit]\nDescription=test\n")
+    shutil.copy(UNIT, directory / "minimal-registry.service")
+    dropin = directory / "minimal-registry.service.d"
+    dropin.mkdir()
+    (dropin / "test.conf").write_text(f"[Service]\nStandardOutput=append:{LOG}\nStandardError=inherit\n")
+    return directory
+
+
+class Namespaced:
+    def __init__(self, process: subprocess.Popen):
+        self.process = process
+        self.pid1 = 0
+
+    def enter(self, *command: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return run(["nsenter", "-t", str(self.pid1), "-m", "-n", "-p", *command], timeout=timeout)
+
+    def systemctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return self.enter("systemctl", *args, timeout=timeout)
+
+    def show(self, *properties: str) -> Dict[str, str]:
+        shown = self.systemctl("show", "minimal-registry.service", *(f"-p{p}" for p in properties))
+        return dict(line.split("=", 1) for line in shown.stdout.splitlines() if "=" in line)
+
+    def get(self, path: str) -> subprocess.CompletedProcess:
+        script = ("import sys, urllib.request\n"
+                  f"r = urllib.request.urlopen('http://127.0.0.1:9080{path}', timeout=10)\n"
+                  "sys.stdout.write(str(r.status) + ' ' + r.read().decode())")
+        return self.enter(SYSTEM_PYTHON, "-c", script)
+
+
+@pytest.fixture
+def systemd(small_tree, tmp_path):
+    reason = systemd_missing()
+    if reason:
+        pytest.fail(f"cannot run systemd in namespaces: {reason}", pytrace=False)
+    env = dict(os.environ, UNITS=str(unit_directory(tmp_path / "units")),
+               PAYLOAD=str(payload(tmp_path / "payload")), TREE=str(small_tree.root))
+    process = subprocess.Popen(["unshare", "--pid", "--fork", "--mount", "--net", "--cgroup",
+                                "--propagation", "private", "--mount-proc", "sh", "-c", BOOT],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL)
+    namespaced = Namespaced(process)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+            pids = children.read_text().split() if children.exists() else []
+            if pids and Path(f"/proc/{pids[0]}/comm").read_text().strip() == "systemd":
+                namespaced.pid1 = int(pids[0])
+                state = namespaced.systemctl("is-system-running", timeout=10).stdout.strip()
+                if state in ("running", "degraded"):
+                    break
+            if process.poll() is not None:
+                pytest.fail(f"systemd did not boot:\n{process.stdout.read().decode()}", pytrace=False)
+            time.sleep(0.1)
+        else:
+            pytest.fail("systemd did not reach running in 30 s", pytrace=False)
+        yield namespaced
+    finally:
+        if namespaced.pid1:
+            os.kill(namespaced.pid1, signal.SIGKILL)  # ends every process in the namespace
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_unit_starts_serves_and_stops_under_systemd(systemd, small_tree):
+    # Type=notify: `systemctl start` returns once READY=1 arrived (from a child of the
+    # one-file binary's bootloader: NotifyAccess=all), and then the registry answers at once.
+    started = systemd.systemctl("start", "minimal-registry.service")
+    log = systemd.enter("cat", LOG).stdout
+    assert started.returncode == 0, f"{started.stderr}\n{log}"
+    answer = systemd.get("/v2/")
+    assert answer.stdout == "200 {}", f"{answer.stdout}{answer.stderr}\n{log}"
+    image = small_tree.hello
+    manifest = systemd.get(f"/v2/{image.name}/manifests/{image.tag}")
+    assert manifest.stdout == "200 " + image.data.decode()
+    state = systemd.show("ActiveState", "SubState", "NRestarts", "MainPID", "Result")
+    assert (state["ActiveState"], state["SubState"], state["NRestarts"]) == ("active", "running", "0"), state
+
+    # The sandbox really applies to the process serving.
+    pid = state["MainPID"]
+    status = systemd.enter("cat", f"/proc/{pid}/status").stdout
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    assert fields["NoNewPrivs"].strip() == "1"
+    assert fields["Seccomp"].strip() == "2"
+    assert int(fields["CapEff"], 16) == 0 and int(fields["CapBnd"], 16) == 0
+    mounts = systemd.enter("cat", f"/proc/{pid}/mountinfo").stdout.splitlines()
+    content = "/var/lib/rancher/k3s/agent/registry"
+    mount = max((line.split() for line in mounts if content.startswith(line.split()[4].rstrip("/") + "/")
+                 or content == line.split()[4]), key=lambda fields: len(fields[4]))
+    assert "ro" in mount[5].split(","), f"the content tree is writable: {mount}"
+
+    stopped = systemd.systemctl("stop", "minimal-registry.service")
+    assert stopped.returncode == 0, stopped.stderr
+    state = systemd.show("ActiveState", "Result", "ExecMainStatus")
+    assert (state["ActiveState"], state["Result"]) == ("inactive", "success"), state
+    log = systemd.enter("cat", LOG).stdout
+    assert "Traceback" not in log, log
+    leftovers = systemd.enter("ls", "-A", "/var/cache/minimal-registry").stdout.split()
+    assert [name for name in leftovers if name.startswith(("_MEI", "staticx-"))] == []
+
+
+def test_unit_restarts_after_a_crash_and_clears_the_leftovers(systemd):
+    assert systemd.systemctl("start", "minimal-registry.service").returncode == 0
+    first = systemd.show("MainPID")["MainPID"]
+    # SIGKILL: no clean-up at all, as after the OOM killer. Restart=always brings it back after
+    # RestartSec=, and ExecStartPre= removes what the killed one-file binary had unpacked.
+    systemd.enter("kill", "-KILL", first)
+    deadline = time.monotonic() + 20
+    state = {}
+    while time.monotonic() < deadline:
+        state = systemd.show("ActiveState", "SubState", "NRestarts", "MainPID")
+        if state["NRestarts"] == "1" and state["SubState"] == "running":
+            break
+        time.sleep(0.2)
+    assert state["NRestarts"] == "1" and state["SubState"] == "running", state
+    assert state["MainPID"] != first
+    assert systemd.get("/v2/").stdout == "200 {}"
+    unpacked = systemd.enter("ls", "-A", "/var/cache/minimal-registry").stdout.split()
+    assert len([n for n in unpacked if n.startswith("_MEI")]) <= 1, unpacked
+    assert len([n for n in unpacked if n.startswith("staticx-")]) <= 1, unpacked
