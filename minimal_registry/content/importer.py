@@ -35,6 +35,10 @@ def run(sources: List[Path], tree: Path, name: Optional[str] = None, tag: Option
             for line in _place(tree, plans):
                 if not quiet:
                     print(line, flush=True)
+    except OSError as error:  # reading a source or staging into the tree: say which file
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        raise Fatal(f"import failed: {error.strerror or error}{where}",
+                    "check that the sources are readable and the tree is writable with free space") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0

@@ -72,7 +72,8 @@ def run(tree: Path, fast: bool = False, quiet: bool = False) -> int:
     all_blobs = dict(blob_files)
     counts.blobs = len(all_blobs)
     counts.blob_bytes = sum(all_blobs.values())
-    unreferenced = [p for p in all_blobs if os.path.realpath(p) not in {os.path.realpath(r) for r in referenced}]
+    referenced_real = {os.path.realpath(r) for r in referenced}
+    unreferenced = [p for p in all_blobs if os.path.realpath(p) not in referenced_real]
     if unreferenced:
         report.note(tree / layout.BLOBS, f"{len(unreferenced)} blobs ({human_bytes(sum(all_blobs[p] for p in unreferenced))}) "
                     "are referenced by no manifest")
