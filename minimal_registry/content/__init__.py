@@ -3,17 +3,24 @@
 They read and write the content tree only through `minimal_registry.layout` (where things
 live) and `minimal_registry.manifest` (what a manifest says), the same code the server uses.
 
-    sources.py      what a SOURCE is: OCI layout, Docker archive, skopeo `dir:`, raw manifest,
-                    or a (.gz/.zst) tar of one; fills a Pool
-    archive.py      unpack a tar safely into a staging directory, hashing as it goes
-    decompress.py   open plain, gzip and zstd streams
-    pool.py         content found in the sources (and already in the tree), by digest
-    names.py        image references: docker.io normalisation, domain trimming
-    plan.py         from the pool's roots to what must be written, platforms chosen
-    place.py        write blobs, manifests and tags into the tree: temp name, fsync, rename
-    hashing.py      sha256 of many files at disk speed, on every core
-    progress.py     a progress bar on a terminal, plain lines elsewhere
-    importer.py     `import`
-    verify.py       `verify`
-    listing.py      `ls`
+    importer.py      `import`: sources -> pool -> plan -> place
+    sources.py       what a SOURCE is (OCI layout, docker-save, skopeo dir:, raw manifest,
+                     or a tar of one) and which reader takes it
+    ocilayout.py     read an OCI image layout (index.json, blobs/sha256/<hex>)
+    dockerarchive.py turn a docker-save manifest.json into schema2 manifests
+    archive.py       unpack a tar safely into a staging directory, hashing as it goes
+    decompress.py    plain, gzip, bzip2, xz and zstd streams
+    files.py         a source's files by name, on disk or staged
+    pool.py          content the sources hold, by digest, and the images they name
+    names.py         image references: docker.io rules, domain trimming
+    platforms.py     os/arch[/variant] compared as containerd does
+    plan.py          every decision before any write: names, platforms, missing content
+    place.py         write blobs, manifests, tags and `blobs` links, in a safe order
+    atomic.py        temp name, fsync, rename
+    verify.py        `verify`
+    listing.py       `ls`
+    treewalk.py      a tree's repositories and blobs, for verify and ls
+    hashing.py       sha256 of many files at disk speed, on every core
+    progress.py      a bar on a terminal, plain lines elsewhere
+    formatting.py    sizes, durations, short media type names
 """
