@@ -20,7 +20,6 @@ from typing import Dict, List, Tuple
 import pytest
 
 import clients
-from fixtures_clients import containerd, containerd_daemon  # noqa: F401  (fixtures)
 from imagetree import build_standard_tree
 from serverproc import PROJECT_ROOT, running_registry
 from test_media import (K3S_VERSION, describe, install_node, make_inputs, make_media, read_record,
@@ -160,9 +159,14 @@ def test_whole_journey_from_the_internet_to_containerd(containerd, tmp_path, mon
         images_txt.write_text("".join(f"{internet.host_port}/{item.name}:{item.tag}\n"
                                       for item in system_images))
         download_dir = tmp_path / "connected-host" / "registry"
+        tool = make_inputs(tmp_path / "tool")
         downloaded = run([DOWNLOAD_SCRIPT, "-v", K3S_VERSION, "-l", images_txt, "-d", download_dir,
                           "-p", AMD64, "--tool", "skopeo"],
-                         env=make_inputs(tmp_path / "tool").env(), timeout=600)
+                         env=tool.env({"MINIMAL_REGISTRY_CMD": str(tool.tool),
+                                       "PLAIN_HTTP_REGISTRIES": internet.host_port,
+                                       "TMPDIR": str(tmp_path),
+                                       "PULL_RETRIES": "2", "RETRY_DELAY": "1"}),
+                         timeout=600)
         assert downloaded.returncode == 0, describe(downloaded)
     assert (download_dir.parent / "registries.yaml").is_file(), "the download script writes registries.yaml beside the tree"
 
