@@ -14,7 +14,7 @@ import posixpath
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 from minimal_registry.content import decompress, hashing
 from minimal_registry.content.progress import Progress
@@ -66,14 +66,21 @@ def is_tar(path: Path) -> bool:
     return len(header) == 512 and header[257:262] == b"ustar" or _v7_checksum_ok(header)
 
 
-def stage(archive: Path, staging: Path, quiet: bool = False) -> StagedArchive:
-    """Unpack `archive` into the (new, empty) directory `staging`."""
+def stage(archive: Path, staging: Path, quiet: bool = False,
+          already_have: Optional[Callable[[str, int], bool]] = None) -> StagedArchive:
+    """Unpack `archive` into the (new, empty) directory `staging`.
+
+    `already_have(name, size)`: members it says yes to are read past, not written (content
+    the tree already holds: re-importing a big archive then writes nothing).
+    """
     staged = StagedArchive(staging)
     progress = Progress(f"unpack {archive.name}", archive.stat().st_size, enabled=not quiet)
     try:
         with decompress.open_stream(archive, on_bytes=progress.add) as raw:
             with tarfile.open(fileobj=_ReadGuard(raw), mode="r|") as tar:
                 for member in tar:
+                    if member.isreg() and already_have is not None and already_have(member.name, member.size):
+                        continue
                     _unpack_member(tar, member, staged, archive)
                     progress.tick()
         progress.done = progress.total  # the tar's end padding is never read

@@ -26,6 +26,9 @@ def run(sources: List[Path], tree: Path, name: Optional[str] = None, tag: Option
         raise Fatal(f"--platform: {problem}", "for example --platform linux/amd64,linux/arm64") from None
     if not sources:
         raise Fatal("nothing to import", "give at least one SOURCE")
+    for source in sources:  # before the tree is created: a typo must not leave an empty tree
+        if not Path(source).exists():
+            raise Fatal(f"{source} does not exist", source_kinds.KINDS_HINT)
     _prepare_tree(tree)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:

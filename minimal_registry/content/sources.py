@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional
 
 from minimal_registry import manifest as manifests
-from minimal_registry import reference
+from minimal_registry import layout, reference
 from minimal_registry.content import archive, dockerarchive, ocilayout
 from minimal_registry.content.archive import Entry
 from minimal_registry.content.files import SourceFiles
@@ -72,8 +72,31 @@ def read_one(path: Path, tree: Path, pool: Pool, staging_dirs: List[Path], quiet
     staging = tree / f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
     staging.mkdir(parents=True)
     staging_dirs.append(staging)
-    staged = archive.stage(path, staging, quiet=quiet)
+    staged = archive.stage(path, staging, quiet=quiet, already_have=_in_tree(tree))
     read_files(SourceFiles(label, staged=staged), pool)
+
+
+def _in_tree(tree: Path):
+    """Whether an archive member `blobs/sha256/<hex>` is a big blob the tree already holds.
+
+    Only blobs over the manifest size limit: a manifest is never skipped, since older trees
+    (the original tool's `awk`) may hold manifests under blobs/ too, and the import needs
+    to read it from the archive.
+    """
+
+    def already_have(name: str, size: int) -> bool:
+        parts = [p for p in name.split("/") if p not in ("", ".")]
+        if size <= manifests.MAX_MANIFEST_SIZE or len(parts) != 3 or parts[:2] != ["blobs", "sha256"]:
+            return False
+        digest = "sha256:" + parts[2]
+        if not reference.is_digest(digest):
+            return False
+        try:
+            return layout.shared_blob_path(tree, digest).stat().st_size == size
+        except OSError:
+            return False
+
+    return already_have
 
 
 def read_files(files: SourceFiles, pool: Pool) -> None:
