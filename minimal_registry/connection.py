@@ -264,7 +264,8 @@ class RegistryHandler(WSGIHandler):
         client = self.client_address[0] if isinstance(self.client_address, tuple) else self.client_address
         status = (self._orig_status or (self.status.decode("latin-1") if isinstance(self.status, bytes) else self.status) or "000").split()[0]
         method = _printable(self.command or "-")
-        path = _printable(self.path or "-")
+        # A request that could not be parsed is logged by what its first line said.
+        path = _printable(self.path or (self.requestline or "-").strip()[:200])
         user_agent = _printable(self.headers.get("User-Agent", "-") if self.headers is not None else "-")
         if self.server.log_format == "json":
             return json.dumps({
