@@ -399,15 +399,24 @@ archive_estimate() {
     find "${TREE}" -printf '%s\n' | awk '{ total += 1536 + int(($1 + 511) / 512) * 512 } END { printf "%d", total + 20480 }'
 }
 
+# The archive's size at most: the tree's estimate, or the bundle's size.
+archive_size_bound() {
+    if [ -n "${TREE}" ]; then
+        archive_estimate
+    else
+        stat -L -c '%s' -- "${BUNDLE}"
+    fi
+}
+
 verify_space() {
     local need=0 file available
     for file in "${K3S_BIN}" "${INSTALL_SH}" "${REGISTRY_BIN}"; do
         need=$((need + $(stat -L -c '%s' -- "${file}")))
     done
-    if [ -n "${TREE}" ]; then
-        need=$((need + $(archive_estimate)))
-    else
-        need=$((need + $(stat -L -c '%s' -- "${BUNDLE}")))
+    need=$((need + $(archive_size_bound)))
+    # FAT32 holds no file of 4 GiB or more.
+    if [ "$(stat -f -c '%T' -- "${OUT}")" = msdos ] && [ "$(archive_size_bound)" -ge 4294967296 ]; then
+        fatal "the content archive may reach 4 GiB, more than a FAT32 file can hold: format ${OUT} as exFAT or ext4"
     fi
     need=$((need + 1048576))
     available=$(df -P -k -- "${OUT}" | awk 'NR == 2 { print $4 }')
@@ -486,12 +495,13 @@ publish_file() {
     if [ "${source}" != "${STAGE}/${name}" ]; then
         cp -- "${source}" "${STAGE}/${name}"
     fi
-    # Executable where the file system keeps modes (FAT does not, which is why the node
-    # runs these through bash and sh).
+    # Executable where the file system keeps modes. FAT keeps none and may refuse chmod,
+    # which is harmless: the node runs these through bash and sh.
+    local mode=0644
     case "${name}" in
-        k3s | minimal-registry | install.sh | install-node.sh) chmod 0755 -- "${STAGE}/${name}" ;;
-        *) chmod 0644 -- "${STAGE}/${name}" ;;
+        k3s | minimal-registry | install.sh | install-node.sh) mode=0755 ;;
     esac
+    chmod "${mode}" -- "${STAGE}/${name}" 2>/dev/null || true
     mv -f -- "${STAGE}/${name}" "${OUT}/${name}"
     WRITTEN+=("${name}")
 }

@@ -688,6 +688,15 @@ def test_install_node_dummy_route_installs_a_boot_unit(media, inputs, tmp_path):
     assert "Before=k3s.service k3s-agent.service" in text
     assert "169.254.255.255 dev dummy0" in text
     assert (root / "etc/systemd/system/multi-user.target.wants/airgap-default-route.service").is_symlink()
+    # systemd accepts both installed units (verify looks for their commands inside the root).
+    if not shutil.which("systemd-analyze"):
+        pytest.fail("systemd-analyze is not installed (CI: apt-get install systemd)", pytrace=False)
+    shutil.copytree("/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    (root / "bin").mkdir()
+    shutil.copy("/bin/sh", root / "bin/sh")
+    verify = run(["systemd-analyze", "verify", "--man=no", f"--root={root}",
+                  "airgap-default-route.service", "minimal-registry.service"])
+    assert verify.returncode == 0 and verify.stderr.strip() == "", describe(verify)
 
 
 def test_install_node_unzstd_media(media, inputs, tree, tmp_path):
