@@ -3,7 +3,8 @@
 Usage:
   minimal-registry [serve] [-d DIR] [-p PORT] [-l ADDR]... [--tls-cert FILE --tls-key FILE]
                    [--max-connections N] [--log-format FORMAT] [-q]
-  minimal-registry import SOURCE... [-d DIR] [--name NAME] [--tag TAG] [--keep-domain] [-q]
+  minimal-registry import SOURCE... [-d DIR] [--name NAME] [--tag TAG] [--keep-domain]
+                          [--platform LIST] [-q]
   minimal-registry verify [-d DIR] [--fast] [-q]
   minimal-registry ls [-d DIR] [--json]
   minimal-registry (-h | --help)
@@ -33,6 +34,8 @@ Options:
   --keep-domain           Import: file images under their registry domain
                           (docker.io/rancher/x) for containerd's ?ns= lookup,
                           instead of trimming it (rancher/x).
+  --platform LIST         Import: of an index, keep only these platforms
+                          (os/arch[/variant], comma-separated) or all [default: all].
   --fast                  Verify: check sizes and references, not hashes.
   --json                  ls: print JSON.
   -h, --help              Show this help.
@@ -93,6 +96,7 @@ def main(argv=None) -> int:
                 name=args["--name"],
                 tag=args["--tag"],
                 keep_domain=args["--keep-domain"],
+                platform=args["--platform"],
                 quiet=args["--quiet"],
             )
         if args["verify"]:
@@ -112,6 +116,10 @@ def main(argv=None) -> int:
         return failure.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `minimal-registry verify | head`: the reader left; that is not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def version_text() -> str:

@@ -93,8 +93,9 @@ def repositories(root: Path) -> Iterator[str]:
             name = os.path.relpath(directory, root).replace(os.sep, "/")
             if name != ".":
                 yield name
-        # A repository may also be the parent of deeper ones (`a/b` and `a/b/c`).
-        subdirs[:] = [d for d in subdirs if d not in (MANIFESTS, BLOBS)]
+        # A repository may also be the parent of deeper ones (`a/b` and `a/b/c`). Dot
+        # directories are never content (an import stages its work in `.import-*`).
+        subdirs[:] = [d for d in subdirs if d not in (MANIFESTS, BLOBS) and not d.startswith(".")]
 
 
 def tag_target_digest(tag_path: Path) -> Optional[str]:
