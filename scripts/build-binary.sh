@@ -287,11 +287,11 @@ ensure_binfmt() {
     grep -q '^flags:.*F' "${entry}" || fatal "${entry} lacks the F flag: executables inside a chroot cannot find qemu"
 }
 
-# A minimal Debian root with what a native build needs; made once, kept in the cache.
+# A minimal Debian root, made once and kept in the cache. The build packages are not
+# debootstrap's --include (its resolver is too simple for python3.11-venv): this script
+# apt-gets them when it runs inside.
 ensure_root() {
     FOREIGN_ROOT="${BUILD_CACHE_DIR}/rootfs-${BUILD_SUITE}-${ARCH}"
-    local include
-    include="$(IFS=,; echo "${NATIVE_PACKAGES[*]}")"
     if [ -f "${FOREIGN_ROOT}/.complete" ]; then
         info "Reusing the ${ARCH} root ${FOREIGN_ROOT}"
         return 0
@@ -299,7 +299,7 @@ ensure_root() {
     info "Making the ${BUILD_SUITE} ${ARCH} root ${FOREIGN_ROOT} (debootstrap; some minutes)"
     rm -rf --one-file-system -- "${FOREIGN_ROOT}"
     mkdir -p "${BUILD_CACHE_DIR}"
-    debootstrap --arch="${ARCH}" --variant=minbase --include="${include}" \
+    debootstrap --arch="${ARCH}" --variant=minbase --include=ca-certificates \
         "${BUILD_SUITE}" "${FOREIGN_ROOT}" "${BUILD_DEBIAN_MIRROR}"
     touch "${FOREIGN_ROOT}/.complete"
 }
@@ -335,7 +335,7 @@ build_foreign() {
         mount -o remount,bind,ro "${root}/src"
         mount --bind "${dist}" "${root}/dist"
         mount -t proc proc "${root}/proc"
-        mount --bind /dev "${root}/dev"
+        mount --rbind /dev "${root}/dev"
         exec chroot "${root}" "$@"
     ' build-in-root "${FOREIGN_ROOT}" "${ROOT_DIR}" "${BUILD_DIST_DIR}" \
         /usr/bin/env -i \
