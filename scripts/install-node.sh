@@ -69,6 +69,7 @@ STAGING=
 CHANGED=()
 UNCHANGED=()
 REGISTRY_CHANGED=false
+UNITS_CHANGED=false
 
 # --- helpers ---
 info() { printf '[INFO]  %s\n' "$*" >&2; }
@@ -286,6 +287,7 @@ install_unit() {
     if install_file "${MEDIA}/minimal-registry.service" "$(target "${UNIT_DIR}/minimal-registry.service")" 0644; then
         changed "installed ${UNIT_DIR}/minimal-registry.service"
         REGISTRY_CHANGED=true
+        UNITS_CHANGED=true
     else
         unchanged "installed ${UNIT_DIR}/minimal-registry.service"
     fi
@@ -412,6 +414,7 @@ WantedBy=multi-user.target
 EOF
     if install_file "${unit}" "$(target "${UNIT_DIR}/${ROUTE_UNIT}")" 0644; then
         changed "installed ${UNIT_DIR}/${ROUTE_UNIT}"
+        UNITS_CHANGED=true
     else
         unchanged "installed ${UNIT_DIR}/${ROUTE_UNIT}"
     fi
@@ -433,7 +436,9 @@ enable_units() {
         warn "no systemctl here: ${units[*]} not enabled under ${ROOT}"
         return
     fi
-    [ -n "${ROOT}" ] || systemctl daemon-reload
+    if [ -z "${ROOT}" ] && [ "${UNITS_CHANGED}" = true ]; then
+        systemctl daemon-reload
+    fi
     local unit
     for unit in "${units[@]}"; do
         if systemctl_root is-enabled --quiet "${unit}" 2>/dev/null; then
