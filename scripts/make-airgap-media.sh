@@ -54,6 +54,8 @@
 #   MINIMAL_REGISTRY_BIN       a minimal-registry runnable on this host, for `verify`
 #                              (default: -m's binary when it runs here, else minimal-registry
 #                              on PATH, else `python3 -m minimal_registry` from this checkout)
+#   MINIMAL_REGISTRY_CMD       the same as a command line (as download-system-images.sh
+#                              takes it), when MINIMAL_REGISTRY_BIN is not set
 #   PYTHON                     the python3 for that last case (default: python3)
 #   SOURCE_DATE_EPOCH          mtime of every archive member (default: 0)
 #   TMPDIR                     scratch space (small files only)
@@ -359,6 +361,8 @@ verify_inputs() {
 find_registry_tool() {
     if [ -n "${MINIMAL_REGISTRY_BIN:-}" ]; then
         REGISTRY_TOOL=("${MINIMAL_REGISTRY_BIN}")
+    elif [ -n "${MINIMAL_REGISTRY_CMD:-}" ]; then
+        read -r -a REGISTRY_TOOL <<<"${MINIMAL_REGISTRY_CMD}"
     elif [ -x "${REGISTRY_BIN}" ] && "${REGISTRY_BIN}" --version >/dev/null 2>&1; then
         REGISTRY_TOOL=("${REGISTRY_BIN}")
     elif command -v minimal-registry >/dev/null 2>&1; then
