@@ -145,12 +145,12 @@ class Server:
 
 
 @contextmanager
-def serving(command, log_path: Path, env=None, start_timeout=30.0):
+def serving(command, log_path: Path, env=None, start_timeout=30.0, preexec_fn=None):
     """Start `command` (which must log `listening on ...`) in its own process group."""
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=env if env is not None else {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=preexec_fn)
     server = None
     try:
         deadline = time.monotonic() + start_timeout
@@ -323,6 +323,29 @@ def test_ready_and_stopping_reach_notify_socket_from_a_child_process(binary, tmp
         listener.close()
 
 
+def _refuse_exec_gain():
+    """prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN): the kernel's MemoryDenyWriteExecute=,
+    inherited across fork and exec. Runs in the child before exec."""
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:
+        os._exit(97)
+
+
+def test_runs_under_memory_deny_write_execute(binary, tmp_path):
+    """The unit sets MemoryDenyWriteExecute=yes: no bundled library may need W+X memory, an
+    executable stack or text relocations."""
+    probe = subprocess.run(["/bin/true"], preexec_fn=_refuse_exec_gain)
+    if probe.returncode == 97:
+        pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+)")
+    tree = make_tree(tmp_path / "registry")
+    command = [str(binary), "-d", str(tmp_path / "registry"), "-l", "127.0.0.1:0"]
+    env = {"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)}
+    with serving(command, tmp_path / "log", env=env, preexec_fn=_refuse_exec_gain) as server:
+        assert_serves(server, tree)
+        assert server.stop() == 0, server.log()
+
+
 @pytest.fixture
 def noexec_tmpdir(root_only, tmp_path):
     mountpoint = tmp_path / "noexec"
@@ -348,6 +371,13 @@ def test_noexec_tmpdir_fails_in_one_line_that_names_the_fix(binary, noexec_tmpdi
     assert str(noexec_tmpdir) in lines[0]
     assert "Traceback" not in result.stderr and result.stdout == ""
     assert list(noexec_tmpdir.iterdir()) == []
+
+
+def test_build_script_is_shellcheck_clean():
+    need(shutil.which("shellcheck") is not None, "shellcheck is not installed (apt-get install shellcheck)")
+    result = subprocess.run(["shellcheck", str(PROJECT_ROOT / "scripts" / "build-binary.sh")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # --- the arm64 binary, through qemu-user on another architecture ---------------------------------
