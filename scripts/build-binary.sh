@@ -141,8 +141,10 @@ install_packages() {
     fi
     [ "$(id -u)" -eq 0 ] || fatal "missing Debian packages: ${missing[*]} (run as root, or install them)"
     info "Installing Debian packages: ${missing[*]}"
-    apt-get update -q
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+    # Wait for another apt run to finish rather than fail on its lock.
+    apt-get -o DPkg::Lock::Timeout=600 update -q
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q \
+        --no-install-recommends "${missing[@]}"
 }
 
 # --- native build ------------------------------------------------------------------------
