@@ -29,9 +29,9 @@
 #
 # Environment variables (all optional):
 #   BUILD_PYTHON         Python used for the native build venv (default: /usr/bin/python3.11).
-#   BUILD_CACHE_DIR      Kept between builds: venvs, pip's cache, foreign Debian roots
+#   BUILD_CACHE_DIR      Kept between builds: venvs, pip's and PyInstaller's caches, foreign Debian roots
 #                        (default: build/cache, ignored by git). Remove it for a cold build.
-#   BUILD_WORK_DIR       PyInstaller's work tree (default: build/work, ignored by git).
+#   BUILD_WORK_DIR       PyInstaller's log (default: build/work, ignored by git).
 #   BUILD_DIST_DIR       Where the executable and its .sha256 go (default: dist).
 #   BUILD_DEBIAN_MIRROR  Mirror for debootstrap and the foreign root's apt
 #                        (default: http://deb.debian.org/debian).
@@ -152,6 +152,7 @@ install_packages() {
 setup_pip_env() {
     export PIP_DISABLE_PIP_VERSION_CHECK=1
     export PIP_CACHE_DIR="${BUILD_CACHE_DIR}/pip"
+    export PYINSTALLER_CONFIG_DIR="${BUILD_CACHE_DIR}/pyinstaller"
     if [ -z "${PIP_CERT:-}" ] && [ -n "${SSL_CERT_FILE:-}" ]; then
         export PIP_CERT="${SSL_CERT_FILE}"
     fi
@@ -217,10 +218,12 @@ run_pyinstaller() {
     local log="${BUILD_WORK_DIR}/pyinstaller-${ARCH}.log"
     info "PyInstaller: one-file build (${MACHINE}); log in ${log}"
     mkdir -p "${BUILD_WORK_DIR}"
-    # The project's own directory first, so the bundled package is this checkout.
+    # The project's own directory first, so the bundled package is this checkout. A fresh work
+    # tree each time: PyInstaller's reuse of an old one trusts mtimes, and a file changed
+    # during a build was once left out of the next. Its bincache (stripped libraries) stays.
     if ! (cd "${ROOT_DIR}" && PYTHONHASHSEED=0 PYTHONPATH="${ROOT_DIR}" "${VENV}/bin/pyinstaller" \
         --noconfirm --log-level WARN \
-        --workpath "${BUILD_WORK_DIR}/pyinstaller-${ARCH}" \
+        --workpath "${TMP_DIR}/pyinstaller-work" \
         --distpath "${TMP_DIR}/pyinstaller" \
         "${SPEC}") >"${log}" 2>&1; then
         tail -n 40 "${log}" >&2
