@@ -29,8 +29,9 @@
 #
 # Environment variables (all optional):
 #   BUILD_PYTHON         Python used for the native build venv (default: /usr/bin/python3.11).
-#   BUILD_CACHE_DIR      Kept between builds: venvs, pip's and PyInstaller's caches, foreign Debian roots
-#                        (default: build/cache, ignored by git). Remove it for a cold build.
+#   BUILD_CACHE_DIR      Kept between builds: venvs, pip's and PyInstaller's caches, the
+#                        staticx sdist, foreign Debian roots (default: build/cache, ignored
+#                        by git). Remove it for a cold build.
 #   BUILD_WORK_DIR       PyInstaller's log (default: build/work, ignored by git).
 #   BUILD_DIST_DIR       Where the executable and its .sha256 go (default: dist).
 #   BUILD_DEBIAN_MIRROR  Mirror for debootstrap and the foreign root's apt
@@ -328,25 +329,27 @@ build_foreign() {
     if [ -n "${PIP_INDEX_URL:-}" ]; then
         pass_env+=("PIP_INDEX_URL=${PIP_INDEX_URL}")
     fi
-    mkdir -p "${BUILD_DIST_DIR}" "${FOREIGN_ROOT}/src" "${FOREIGN_ROOT}/dist"
+    mkdir -p "${BUILD_DIST_DIR}" "${BUILD_WORK_DIR}" "${FOREIGN_ROOT}/src" "${FOREIGN_ROOT}/dist" \
+        "${FOREIGN_ROOT}/build-work"
 
     info "Building inside the ${ARCH} root (through qemu-${MACHINE})"
     # shellcheck disable=SC2016  # the inner script expands its own positional parameters
     unshare --mount --propagation private -- /bin/bash -c '
         set -o errexit -o nounset
-        root="$1" src="$2" dist="$3"
-        shift 3
+        root="$1" src="$2" dist="$3" work="$4"
+        shift 4
         mount --bind "${src}" "${root}/src"
         mount -o remount,bind,ro "${root}/src"
         mount --bind "${dist}" "${root}/dist"
+        mount --bind "${work}" "${root}/build-work"
         mount -t proc proc "${root}/proc"
         mount --rbind /dev "${root}/dev"
         exec chroot "${root}" "$@"
-    ' build-in-root "${FOREIGN_ROOT}" "${ROOT_DIR}" "${BUILD_DIST_DIR}" \
+    ' build-in-root "${FOREIGN_ROOT}" "${ROOT_DIR}" "${BUILD_DIST_DIR}" "${BUILD_WORK_DIR}" \
         /usr/bin/env -i \
         PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
         BUILD_CACHE_DIR=/var/cache/minimal-registry-build \
-        BUILD_WORK_DIR=/var/tmp/minimal-registry-build \
+        BUILD_WORK_DIR=/build-work \
         BUILD_DIST_DIR=/dist \
         BUILD_DEBIAN_MIRROR="${BUILD_DEBIAN_MIRROR}" \
         BUILD_NO_APT="${BUILD_NO_APT}" \
