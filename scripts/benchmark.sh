@@ -20,6 +20,7 @@ set -o errexit -o nounset -o pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DURATION=10
 CONNECTIONS=16
+START_RUNS=11
 PYTHON="${PYTHON:-python3}"
 
 info() { echo "[benchmark] $*" >&2; }
@@ -124,6 +125,17 @@ measure() {
   echo "${rps} ${transfer}"
 }
 
+# A pid and all its descendants (the one-file binary is three processes: two bootloaders
+# and Python).
+process_tree() {
+  local pid
+  for pid in "$@"; do
+    echo "${pid}"
+    # shellcheck disable=SC2046 # a list of pids
+    process_tree $(pgrep -P "${pid}")
+  done
+}
+
 rss_kib() {
   local pid total=0 kib
   for pid in "$@"; do
@@ -154,11 +166,45 @@ run_benchmarks() {
       row "${name} requests/s" "${ours_rps}" "${theirs_rps}" "$(ratio "${ours_rps}" "${theirs_rps}")"
     fi
   done
-  local nginx_pids
-  nginx_pids="$(pgrep -P "${NGINX_PID}" | tr '\n' ' ') ${NGINX_PID}"
-  # shellcheck disable=SC2086 # a list of pids
-  row "resident memory after load KiB" "$(rss_kib "${REGISTRY_PID}")" "$(rss_kib ${nginx_pids})" \
-    "$(ratio "$(rss_kib "${REGISTRY_PID}")" "$(rss_kib ${nginx_pids})")"
+  local ours theirs
+  # shellcheck disable=SC2046 # lists of pids
+  ours="$(rss_kib $(process_tree "${REGISTRY_PID}"))"
+  # shellcheck disable=SC2046
+  theirs="$(rss_kib $(process_tree "${NGINX_PID}"))"
+  row "resident memory after load KiB" "${ours}" "${theirs}" "$(ratio "${ours}" "${theirs}")"
+}
+
+# Milliseconds from starting a server to its first 200 on URL, median of START_RUNS starts.
+startup_ms() {
+  local url="$1" run started finished pid times=()
+  shift
+  for run in $(seq 1 "${START_RUNS}"); do
+    started="$(date +%s%N)"
+    "$@" >/dev/null 2>&1 &
+    pid=$!
+    until curl -fsS -o /dev/null --max-time 1 "${url}" 2>/dev/null; do
+      kill -0 "${pid}" 2>/dev/null || fatal "server exited during start-up run ${run}: $*"
+    done
+    finished="$(date +%s%N)"
+    kill "${pid}"
+    wait "${pid}" 2>/dev/null || true
+    times+=("$(((finished - started) / 1000000))")
+  done
+  printf '%s\n' "${times[@]}" | sort -n | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'
+}
+
+measure_startup() {
+  local port ours theirs
+  port="$(free_port)"
+  if [[ -n "${MINIMAL_REGISTRY_BIN:-}" ]]; then
+    ours="$(startup_ms "http://127.0.0.1:${port}/v2/" "${MINIMAL_REGISTRY_BIN}" -q -d "${WORK}/registry" -p "${port}")"
+  else
+    ours="$(PYTHONPATH="${ROOT}" startup_ms "http://127.0.0.1:${port}/v2/" "${PYTHON}" -m minimal_registry -q -d "${WORK}/registry" -p "${port}")"
+  fi
+  sed "s/listen 127.0.0.1:${NGINX_PORT};/listen 127.0.0.1:${port};/; s|pid .*;|pid ${WORK}/nginx/startup.pid;|" \
+    "${WORK}/nginx/nginx.conf" >"${WORK}/nginx/startup.conf"
+  theirs="$(startup_ms "http://127.0.0.1:${port}/v2/blobs/${SMALL_BLOB}" nginx -c "${WORK}/nginx/startup.conf")"
+  row "start-up to first answer, ms" "${ours}" "${theirs}" "$(ratio "${ours}" "${theirs}")"
 }
 
 parse_args "$@"
@@ -171,3 +217,4 @@ start_nginx
 start_registry
 info "wrk: ${CONNECTIONS} connections, ${DURATION}s per figure"
 run_benchmarks
+measure_startup
