@@ -152,3 +152,15 @@ def test_referrers_list_manifests_whose_subject_is_the_digest(builder):
     assert filtered.json()["manifests"] == [] and filtered.headers["OCI-Filters-Applied"] == "artifactType"
     kept = call(app, "GET", f"/v2/app/referrers/{image.digest}?artifactType=application/vnd.example.sbom")
     assert len(kept.json()["manifests"]) == 1
+
+
+def test_tags_are_paged_with_a_link_to_the_next_page(builder):
+    image = builder.image("app", "v1")
+    for tag in ("v2", "v3", "latest"):
+        os.symlink(image.digest, builder.root / "app/manifests" / tag)
+    app = RegistryApp(ContentTree(builder.root))
+    first = call(app, "GET", "/v2/app/tags/list?n=2")
+    assert first.json() == {"name": "app", "tags": ["latest", "v1"]}
+    assert first.headers["Link"] == '</v2/app/tags/list?n=2&last=v1>; rel="next"'
+    second = call(app, "GET", "/v2/app/tags/list?n=2&last=v1")
+    assert second.json()["tags"] == ["v2", "v3"] and "Link" not in second.headers
