@@ -4,7 +4,7 @@ import json
 import os
 
 import imagetree
-from test_content_support import mr
+from contentsupport import mr
 
 
 def test_ls_lists_every_tag_for_a_person(tmp_path, capsys):

@@ -12,7 +12,7 @@ import clients
 import imagetree
 from fixtures_clients import containerd, containerd_daemon, skopeo_available  # noqa: F401
 from serverproc import running_registry
-from test_content_support import mr
+from contentsupport import mr
 
 AMD64 = "linux/amd64"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import imagetree
-from test_content_support import mr, mr_process
+from contentsupport import mr, mr_process
 
 from minimal_registry.content import progress
 

@@ -14,7 +14,7 @@ import clients
 import imagetree
 from fixtures_clients import containerd, containerd_daemon  # noqa: F401
 from serverproc import PROJECT_ROOT, command_env, registry_command, running_registry
-from test_content_support import snapshot
+from contentsupport import snapshot
 
 SCRIPT = PROJECT_ROOT / "scripts" / "download-system-images.sh"
 SUMMARY_RE = re.compile(r"summary: pulled (\d+), skipped (\d+), failed (\d+)")
