@@ -8,7 +8,7 @@ a file body goes out with zero-copy sendfile, elsewhere it is read in large chun
 import http
 import logging
 import re
-from typing import Callable, Iterable, Optional, Tuple
+from typing import Callable, Iterable, Tuple
 from urllib.parse import parse_qs
 
 from minimal_registry import errors, handlers

@@ -12,7 +12,6 @@ import logging
 import signal
 import socket
 import sys
-from typing import List
 
 import gevent
 import gevent.event

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from notifysocket import bind_notify_socket
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("MINIMAL_REGISTRY_TEST_CACHE") or PROJECT_ROOT / "build" / "cache")
@@ -290,15 +291,8 @@ def test_ready_and_stopping_reach_notify_socket_from_a_child_process(binary, tmp
     """The bootloaders run Python in a child: systemd needs NotifyAccess=all to accept it."""
     tree_root = tmp_path / "registry"
     make_tree(tree_root)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener, notify_socket = bind_notify_socket(tmp_path, abstract)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-    if abstract:
-        name = f"minimal-registry-test-{os.getpid()}-{time.monotonic_ns()}"
-        listener.bind("\0" + name)
-        notify_socket = "@" + name
-    else:
-        notify_socket = str(tmp_path / "notify")
-        listener.bind(notify_socket)
     listener.settimeout(60)
     env = {"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path), "NOTIFY_SOCKET": notify_socket}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import imagetree
-from contentsupport import (assert_one_line_error, containerd_name, copy_tree, docker_save_dir, mr,
+from contentsupport import (assert_one_line_error, containerd_name, docker_save_dir, mr,
                                   mr_process, oci_layout, snapshot, tar_directory)
 
 from minimal_registry.content import decompress, importer, place

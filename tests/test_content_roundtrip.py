@@ -10,7 +10,6 @@ import pytest
 
 import clients
 import imagetree
-from fixtures_clients import containerd, containerd_daemon, skopeo_available  # noqa: F401
 from serverproc import running_registry
 from contentsupport import mr
 

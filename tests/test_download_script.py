@@ -12,7 +12,6 @@ import pytest
 
 import clients
 import imagetree
-from fixtures_clients import containerd, containerd_daemon  # noqa: F401
 from serverproc import PROJECT_ROOT, command_env, registry_command, running_registry
 from contentsupport import snapshot
 

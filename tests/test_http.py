@@ -21,11 +21,11 @@ def test_head_and_get_share_headers_and_keep_alive_survives_head(registry, full_
     connection = connect(registry)
     try:
         answers = []
-        for method, path in [("HEAD", f"/v2/library/hello/manifests/latest?ns=docker.io"),
-                             ("GET", f"/v2/library/hello/manifests/latest?ns=docker.io"),
+        for method, path in [("HEAD", "/v2/library/hello/manifests/latest?ns=docker.io"),
+                             ("GET", "/v2/library/hello/manifests/latest?ns=docker.io"),
                              ("HEAD", f"/v2/library/hello/blobs/{layer.digest}"),
                              ("GET", f"/v2/library/hello/blobs/{layer.digest}"),
-                             ("HEAD", f"/v2/library/hello/manifests/nope"),
+                             ("HEAD", "/v2/library/hello/manifests/nope"),
                              ("GET", "/v2/")]:
             connection.request(method, path)
             response = connection.getresponse()

@@ -1,6 +1,5 @@
 """The README's promises that a test can hold it to."""
 
-from pathlib import Path
 
 from serverproc import PROJECT_ROOT
 

@@ -39,6 +39,7 @@ from typing import Dict, List
 import pytest
 
 from serverproc import LISTENING_RE, PROJECT_ROOT, command_env, registry_command
+from notifysocket import bind_notify_socket
 
 UNIT = PROJECT_ROOT / "minimal-registry.service"
 # The exposure `systemd-analyze security` gave when the unit was written (systemd 252). A
@@ -266,14 +267,7 @@ def receive(sock: socket.socket, timeout: float) -> List[str]:
 
 @pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
 def test_server_notifies_ready_then_stopping(small_tree, tmp_path, abstract):
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    if abstract:
-        name = f"minimal-registry-test-{os.getpid()}-{time.monotonic_ns()}"
-        sock.bind("\0" + name)
-        notify_socket = "@" + name
-    else:
-        notify_socket = str(tmp_path / "notify.sock")
-        sock.bind(notify_socket)
+    sock, notify_socket = bind_notify_socket(tmp_path, abstract)
     log_path = tmp_path / "server.log"
     process = start_server(small_tree.root, log_path, {"NOTIFY_SOCKET": notify_socket})
     try:
@@ -371,11 +365,9 @@ def test_server_serves_under_the_units_sandbox(small_tree, tmp_path):
     assert one(settings, "Service.MemoryDenyWriteExecute") == "yes"
     cache = tmp_path / "cache"  # the unit's TMPDIR
     cache.mkdir(mode=0o700)
-    notify_socket = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(notify_socket))
+    sock, notify_socket = bind_notify_socket(tmp_path, abstract=False)
     log_path = tmp_path / "server.log"
-    env = {"SANDBOX_SPEC": json.dumps(spec), "TMPDIR": str(cache), "NOTIFY_SOCKET": str(notify_socket)}
+    env = {"SANDBOX_SPEC": json.dumps(spec), "TMPDIR": str(cache), "NOTIFY_SOCKET": notify_socket}
     process = start_server(small_tree.root, log_path, env, prefix=[SYSTEM_PYTHON, "-c", SANDBOX])
     try:
         assert "READY=1" in receive(sock, 30), log_path.read_text()

@@ -9,7 +9,6 @@ refused; links are not created on disk but remembered as aliases, resolved insid
 archive only; devices and FIFOs are skipped.
 """
 
-import os
 import posixpath
 import tarfile
 from dataclasses import dataclass, field

@@ -14,10 +14,9 @@ manifest references. Exit 0 clean, 1 problems, 2 unusable arguments.
 """
 
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional
 
 from minimal_registry import layout, reference
 from minimal_registry import manifest as manifests
