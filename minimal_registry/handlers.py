@@ -74,9 +74,8 @@ def referrers(tree: ContentTree, request: Request, name: str, digest: str) -> Re
             descriptor["annotations"] = stored.annotations
         descriptors.append(descriptor)
     index = {"schemaVersion": 2, "mediaType": manifest.OCI_INDEX, "manifests": descriptors}
-    response = json_response(200, index, [("OCI-Filters-Applied", "artifactType")] if wanted_type else [])
-    response.headers[0] = ("Content-Type", manifest.OCI_INDEX)
-    return _json(request, response)
+    filters = [("OCI-Filters-Applied", "artifactType")] if wanted_type else []
+    return _json(request, json_response(200, index, filters, content_type=manifest.OCI_INDEX))
 
 
 def _page(items: List[str], request: Request, path: str):

@@ -35,9 +35,9 @@ class Response:
         return next((v for k, v in self.headers if k.lower() == lowered), None)
 
 
-def json_response(status: int, document, headers=()) -> Response:
+def json_response(status: int, document, headers=(), content_type: str = "application/json") -> Response:
     body = json.dumps(document, separators=(",", ":")).encode()
-    return Response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *headers], body)
+    return Response(status, [("Content-Type", content_type), ("Content-Length", str(len(body))), *headers], body)
 
 
 def error_response(error: RegistryError, head: bool = False, headers=()) -> Response:
