@@ -77,10 +77,10 @@ def serve(config: ServeConfig) -> int:
 
     repositories = tree.repository_names()
     tag_count = sum(len(layout.tags(layout.manifests_dir(config.directory, name))) for name in repositories)
-    log.info("serving %s: %d repositories, %d tags", config.directory, len(repositories), tag_count)
     for server in servers:
         server.start()
-        log.info("listening on %s", _url(server))
+    log.info("serving %s: %d repositories, %d tags, listening on %s", config.directory, len(repositories),
+             tag_count, " ".join(_url(server) for server in servers))
     sys.stderr.flush()
     notify("READY=1")
 
