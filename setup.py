@@ -21,7 +21,7 @@ setup(
     extras_require={
         # Reading `.tar.zst` archives (K3s airgap tarballs) when importing content.
         "zstd": ["zstandard>=0.22,<1"],
-        "test": ["pytest>=7,<10"],
+        "test": ["pytest>=7,<10", "hypothesis>=6,<7"],
     },
     entry_points={"console_scripts": ["minimal-registry=minimal_registry.cli:main"]},
 )

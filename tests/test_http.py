@@ -254,3 +254,18 @@ def test_blobs_leave_by_sendfile_never_read_into_python(full_tree, tmp_path):
     big_reads = [line for line in calls if line.split(" ", 1)[-1].startswith("read(") and line.rsplit("=", 1)[1].strip().isdigit()
                  and int(line.rsplit("=", 1)[1]) >= 1 << 20]
     assert big_reads == []  # nothing read the blob into Python
+
+
+def test_random_bytes_never_get_a_500_and_the_server_survives(registry):
+    import random
+
+    rng = random.Random(20261129)
+    words = [b"GET", b"HEAD", b"PUT", b" ", b"/v2/", b"HTTP/1.1", b"HTTP/1.0", b"\r\n", b":", b"Range",
+             b"bytes=", b"-", b"0", b"%00", b"..", b"manifests", b"Content-Length: 3", b"\x00", b"\xff"]
+    for _ in range(300):
+        noise = b"".join(rng.choice(words) if rng.random() < 0.7 else bytes([rng.randrange(256)])
+                         for _ in range(rng.randrange(1, 40)))
+        answer = raw(registry, noise + b"\r\n\r\n", timeout=3)
+        assert not answer.startswith(b"HTTP/1.1 5"), (noise, answer[:200])
+    assert request(registry, "GET", "/v2/")[0] == 200
+    assert "Traceback" not in registry.log()
