@@ -177,13 +177,11 @@ class RegistryHandler(WSGIHandler):
     def _write_with_headers(self, data):
         # One write for the head and a small body (a manifest, an error): one packet, one
         # syscall, instead of pywsgi's two.
-        if not data or len(data) > COALESCE_LIMIT:
+        # Only with an exact Content-Length (what the app always sends): never chunked.
+        if not data or len(data) > COALESCE_LIMIT or self.provided_content_length is None:
             return super()._write_with_headers(data)
         self.headers_sent = True
         self.finalize_headers()
-        if self.response_use_chunked:
-            self.headers_sent = False
-            return super()._write_with_headers(data)
         self._send(self._head() + data)
 
     def _send(self, data: bytes, flags: int = 0) -> None:
