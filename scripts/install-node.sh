@@ -213,6 +213,7 @@ verify_media() {
 }
 
 # The ELF machine of a file: amd64, arm64, or what it is otherwise.
+# (make-airgap-media.sh has the same function: this script must stand alone on the media.)
 elf_arch() {
     local header
     header=$(od -An -tx1 -N20 -v -- "$1" 2>/dev/null | tr -d ' \n')

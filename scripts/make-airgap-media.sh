@@ -184,6 +184,7 @@ verify_tools() {
 }
 
 # The ELF machine of a file: amd64, arm64, or what it is otherwise.
+# (install-node.sh has the same function: it must stand alone on the media.)
 elf_arch() {
     local header
     header=$(od -An -tx1 -N20 -v -- "$1" 2>/dev/null | tr -d ' \n')

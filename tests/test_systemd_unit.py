@@ -350,19 +350,23 @@ SANDBOX = textwrap.dedent("""
 """)
 
 
-def test_server_serves_under_the_units_sandbox(small_tree, tmp_path):
+def sandbox_spec() -> dict:
+    """The unit's syscall allow-list, errno and address families, for the SANDBOX launcher."""
     if not Path(SYSTEM_PYTHON).exists():
         pytest.fail(f"{SYSTEM_PYTHON} is needed to install the seccomp filter", pytrace=False)
-    probe = run([SYSTEM_PYTHON, "-c", "import seccomp"])
-    if probe.returncode != 0:
+    if run([SYSTEM_PYTHON, "-c", "import seccomp"]).returncode != 0:
         pytest.fail("python3-seccomp is not installed (CI: apt-get install python3-seccomp)", pytrace=False)
     settings = unit_settings()
-    spec = {
+    return {
         "allow": sorted(unit_syscalls()),
         "errno": one(settings, "Service.SystemCallErrorNumber"),
         "families": one(settings, "Service.RestrictAddressFamilies").split(),
     }
-    assert one(settings, "Service.MemoryDenyWriteExecute") == "yes"
+
+
+def test_server_serves_under_the_units_sandbox(small_tree, tmp_path):
+    spec = sandbox_spec()
+    assert one(unit_settings(), "Service.MemoryDenyWriteExecute") == "yes"
     cache = tmp_path / "cache"  # the unit's TMPDIR
     cache.mkdir(mode=0o700)
     sock, notify_socket = bind_notify_socket(tmp_path, abstract=False)
@@ -390,14 +394,7 @@ def test_server_serves_under_the_units_sandbox(small_tree, tmp_path):
 
 def test_sandbox_has_teeth(tmp_path):
     """The emulation really filters: a syscall the unit denies fails with its errno."""
-    if run([SYSTEM_PYTHON, "-c", "import seccomp"]).returncode != 0:
-        pytest.fail("python3-seccomp is not installed (CI: apt-get install python3-seccomp)", pytrace=False)
-    settings = unit_settings()
-    spec = {
-        "allow": sorted(unit_syscalls()),
-        "errno": one(settings, "Service.SystemCallErrorNumber"),
-        "families": one(settings, "Service.RestrictAddressFamilies").split(),
-    }
+    spec = sandbox_spec()
     assert "setuid" not in spec["allow"] and "setrlimit" not in spec["allow"]
     probe = ("import os, socket\n"
              "try:\n    os.setuid(0)\nexcept PermissionError:\n    print('setuid denied')\n"
