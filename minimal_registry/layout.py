@@ -42,25 +42,9 @@ def shared_blob_path(root: Path, digest: str) -> Path:
     return shared_blobs_dir(root) / digest
 
 
-def repository_blob_path(root: Path, name: str, digest: str, namespace: Optional[str] = None) -> Path:
-    return repository_dir(root, name, namespace) / BLOBS / digest
-
-
-def is_repository(path: Path) -> bool:
-    return (path / MANIFESTS).is_dir()
-
-
-def repository_candidates(root: Path, name: str, namespace: Optional[str]) -> List[Path]:
-    """Repository directories to look in, in order: `ROOT/<ns>/<name>`, then `ROOT/<name>`."""
-    candidates = []
-    if namespace and reference.is_host(namespace):
-        candidates.append(repository_dir(root, name, namespace))
-    candidates.append(repository_dir(root, name))
-    return candidates
-
-
 def repository_relpaths(name: str, namespace: Optional[str]) -> List[str]:
-    """`repository_candidates` as paths relative to ROOT, for the server's hot path."""
+    """Repository directories to look in, relative to ROOT, in order: `<ns>/<name>` (when
+    containerd's ?ns= names a valid host), then `<name>`."""
     if namespace and reference.is_host(namespace):
         return [f"{namespace}/{name}", name]
     return [name]

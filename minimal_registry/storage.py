@@ -1,6 +1,6 @@
 """The content tree as the server reads it: find manifests and blobs, safely and cheaply.
 
-Paths are built (by `layout`) only from names, tags and digests that `reference` accepted,
+Paths are built (from `layout`'s names) only from names, tags and digests that `reference` accepted,
 and a file is served only if its real path lies inside the real path of the tree, or of the
 tree's top-level `blobs` directory (which an operator may keep on another disk). A symlink
 planted in the tree that points elsewhere is refused.
