@@ -39,6 +39,14 @@ def tag_digest(tree: Path, repository: str, tag: str) -> str:
     return os.readlink(tree / repository / "manifests" / tag)
 
 
+def assert_pause_and_helm_imported(tree: Path, index, docker_list) -> None:
+    """The `images` fixture's OCI index and Docker list, tagged with upstream digests."""
+    assert tag_digest(tree, "rancher/mirrored-pause", "3.6") == index.digest
+    assert tag_digest(tree, "rancher/klipper-helm", "v0.8.0") == docker_list.digest
+    assert_image_in_tree(tree, "rancher/mirrored-pause", index)
+    assert_image_in_tree(tree, "rancher/klipper-helm", docker_list)
+
+
 def assert_image_in_tree(tree: Path, repository: str, item) -> None:
     manifests = tree / repository / "manifests"
     assert (manifests / item.digest).read_bytes() == item.data
@@ -58,10 +66,7 @@ def test_oci_layout_with_containerd_names_lands_with_upstream_digests(tmp_path, 
     result = mr(capsys, "import", str(source), "-d", str(tree))
 
     assert result.code == 0, result
-    assert tag_digest(tree, "rancher/mirrored-pause", "3.6") == index.digest
-    assert tag_digest(tree, "rancher/klipper-helm", "v0.8.0") == docker_list.digest
-    assert_image_in_tree(tree, "rancher/mirrored-pause", index)
-    assert_image_in_tree(tree, "rancher/klipper-helm", docker_list)
+    assert_pause_and_helm_imported(tree, index, docker_list)
     assert os.readlink(tree / "rancher" / "blobs") == "../blobs"
     assert os.readlink(tree / "rancher" / "mirrored-pause" / "blobs") == "../blobs"
     assert "imported rancher/mirrored-pause:3.6" in result.out
@@ -157,9 +162,7 @@ def test_k3s_airgap_archive_prefers_the_oci_side_and_keeps_upstream_digests(tmp_
     result = mr(capsys, "import", str(archive), "-d", str(tree))
 
     assert result.code == 0, result
-    assert tag_digest(tree, "rancher/mirrored-pause", "3.6") == index.digest
-    assert tag_digest(tree, "rancher/klipper-helm", "v0.8.0") == docker_list.digest
-    assert_image_in_tree(tree, "rancher/mirrored-pause", index)
+    assert_pause_and_helm_imported(tree, index, docker_list)
     assert not list(tree.glob(".import-*"))
 
 
