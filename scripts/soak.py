@@ -682,6 +682,9 @@ def main(argv=None) -> int:
         print(f"server at end: {fds_end} fds, RSS {rss_end / MIB:.1f} MiB "
               f"(after warm-up, at {warmup_end - begin:.0f} s: {rss_warm / MIB:.1f} MiB; "
               f"highest {max([rss for _, rss in rss_samples] or [0]) / MIB:.1f} MiB)")
+        step = max(1, len(rss_samples) // 10)
+        print("server RSS during the run: " + ", ".join(
+            f"{at - begin:.0f} s {rss / MIB:.0f}" for at, rss in rss_samples[step - 1::step]) + " (MiB)")
         if not alive:
             soak.violation("server died", f"exit status {registry.process.returncode}")
         else:
