@@ -1,6 +1,6 @@
 """Soak a real minimal-registry: a mix of requests at high concurrency while the tree changes.
 
-Usage: soak.py [--duration SECONDS] [--concurrency N] [--no-fault] [--keep]
+Usage: soak.py [--duration SECONDS] [--concurrency N] [--no-fault] [--keep] [--seed N]
 
 It builds a content tree of real images (tests/imagetree.py), starts the registry on it
 (tests/serverproc.py: the source tree, or the binary MINIMAL_REGISTRY_BIN names) and drives
@@ -36,6 +36,7 @@ import random
 import resource
 import shutil
 import socket
+import struct
 import subprocess
 import tempfile
 import time
@@ -486,7 +487,8 @@ class Soak:
                              f"Host: soak\r\n\r\n".encode())
                 sock.recv(random.randrange(1, 65536))
             if random.random() < 0.5:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                # Linger on, zero seconds: close sends a reset, as a killed client does.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         except OSError as error:
             raise ConnectionFailed(f"aborted download: {error!r}") from None
         finally:
