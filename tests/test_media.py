@@ -615,13 +615,13 @@ def test_install_node_refuses_a_tree_that_fails_verify(inputs, tree, tmp_path):
     root = tmp_path / "root"
     result = install_node(media, root, env=inputs.env())
     assert result.returncode == 1, describe(result)
-    assert "fails minimal-registry verify --fast; nothing was installed" in result.stderr
+    assert "does not import cleanly (see above); nothing was installed" in result.stderr
     assert not installed(root)["binary"].exists() and not installed(root)["content"].exists()
     agent = root / "var/lib/rancher/k3s/agent"
     assert [p.name for p in agent.iterdir()] == [], "the unpacked tree was left behind"
 
 
-def test_install_node_replaces_the_content_when_the_media_changes(media, inputs, tree, tmp_path):
+def test_install_node_merges_new_media_into_the_content(media, inputs, tree, tmp_path):
     root = tmp_path / "root"
     assert install_node(media, root, env=inputs.env()).returncode == 0
     TreeBuilder(tree).image("extra/image", "v2", files={"new.txt": b"new\n"})
@@ -630,9 +630,124 @@ def test_install_node_replaces_the_content_when_the_media_changes(media, inputs,
     assert result.returncode == 0, describe(result)
     content = installed(root)["content"]
     assert (content / "extra/image/manifests/v2").exists()
-    assert "installed /var/lib/rancher/k3s/agent/registry" in result.stderr
+    assert "added extra/image:v2" in result.stderr
+    assert "merged registry.tar.gz into /var/lib/rancher/k3s/agent/registry: 1 added, 0 re-pointed" in result.stderr
     assert "installed /usr/local/bin/minimal-registry" not in result.stderr
     assert sorted(p.name for p in content.parent.iterdir()) == [".registry.sha256", "registry"]
+
+
+def node_tags(content: Path) -> Dict[str, str]:
+    tags = {}
+    for tag in content.rglob("manifests/*"):
+        if not tag.name.startswith("sha256:") and tag.is_symlink():
+            tags[f"{tag.parent.parent.relative_to(content)}:{tag.name}"] = os.readlink(tag)
+    return tags
+
+
+@pytest.fixture
+def two_media(inputs, tmp_path):
+    """Media A (pause, app) and media B (pause re-built, dns): B lacks the app, moves pause."""
+    first = TreeBuilder(tmp_path / "a" / "registry")
+    old_pause = first.image("rancher/mirrored-pause", "3.6", files={"pause": b"a\n"})
+    app = first.image("example/app", "1.0", files={"app": b"operator's own\n"})
+    second = TreeBuilder(tmp_path / "b" / "registry")
+    new_pause = second.image("rancher/mirrored-pause", "3.6", files={"pause": b"b\n"})
+    dns = second.image("rancher/mirrored-coredns-coredns", "1.11.3", files={"dns": b"b\n"})
+    media_a, media_b = tmp_path / "media-a", tmp_path / "media-b"
+    for tree, media in ((first.root, media_a), (second.root, media_b)):
+        made = make_media(inputs, tree, media)
+        assert made.returncode == 0, describe(made)
+    return media_a, media_b, old_pause, new_pause, app, dns
+
+
+def test_install_node_merge_keeps_what_the_media_lacks_and_lists_a_moved_tag(two_media, inputs, tmp_path):
+    media_a, media_b, old_pause, new_pause, app, dns = two_media
+    root = tmp_path / "root"
+    assert install_node(media_a, root, env=inputs.env()).returncode == 0
+    result = install_node(media_b, root, env=inputs.env())
+    assert result.returncode == 0, describe(result)
+    assert (f"re-pointed rancher/mirrored-pause:3.6: {old_pause.digest} -> {new_pause.digest}"
+            in result.stderr), result.stderr
+    assert "added rancher/mirrored-coredns-coredns:1.11.3" in result.stderr
+    content = installed(root)["content"]
+    assert node_tags(content) == {"rancher/mirrored-pause:3.6": new_pause.digest, "example/app:1.0": app.digest,
+                                  "rancher/mirrored-coredns-coredns:1.11.3": dns.digest}
+    assert run([inputs.tool, "verify", "-q", "-d", content]).returncode == 0
+
+
+def test_install_node_replace_lists_what_it_deletes_first(two_media, inputs, tmp_path):
+    media_a, media_b, old_pause, new_pause, app, dns = two_media
+    root = tmp_path / "root"
+    assert install_node(media_a, root, env=inputs.env()).returncode == 0
+    result = install_node(media_b, root, "--replace", env=inputs.env())
+    assert result.returncode == 0, describe(result)
+    lines = result.stderr.splitlines()
+    warning = next(i for i, line in enumerate(lines) if "--replace deletes these 1 images" in line)
+    assert lines[warning + 1].strip() == "[WARN]    example/app:1.0"
+    installed_at = next(i for i, line in enumerate(lines) if "installed /var/lib/rancher/k3s/agent/registry" in line)
+    assert warning < installed_at
+    assert node_tags(installed(root)["content"]) == {"rancher/mirrored-pause:3.6": new_pause.digest,
+                                                     "rancher/mirrored-coredns-coredns:1.11.3": dns.digest}
+
+
+def test_install_node_rerun_on_an_intact_node_checks_the_tree_and_changes_nothing(media, inputs, tmp_path):
+    root = tmp_path / "root"
+    assert install_node(media, root, env=inputs.env()).returncode == 0
+    before = file_states(root)
+    result = install_node(media, root, env=inputs.env())
+    assert result.returncode == 0, describe(result)
+    assert "checking the installed content tree" in result.stderr
+    assert "content tree intact" in result.stderr and "nothing to do" in result.stderr
+    assert file_states(root) == before
+
+
+def test_install_node_repairs_a_node_whose_tree_lost_a_blob(media, inputs, tree, tmp_path):
+    root = tmp_path / "root"
+    assert install_node(media, root, env=inputs.env()).returncode == 0
+    content = installed(root)["content"]
+    lost = sorted((content / "blobs").iterdir())[0]
+    lost.unlink()
+    result = install_node(media, root, env=inputs.env())
+    assert result.returncode == 0, describe(result)
+    assert "the installed content tree is damaged" in result.stderr
+    assert f"repaired: /var/lib/rancher/k3s/agent/registry/blobs/{lost.name}" in result.stderr, result.stderr
+    assert "nothing to do" not in result.stderr
+    assert lost.exists()
+    assert run([inputs.tool, "verify", "-q", "-d", content]).returncode == 0
+
+
+def test_install_node_repairs_a_blob_damaged_in_place(media, inputs, tree, tmp_path):
+    """Same size, other bytes (issue 8 item 11): relies on `import` re-hashing existing blobs."""
+    root = tmp_path / "root"
+    assert install_node(media, root, env=inputs.env()).returncode == 0
+    content = installed(root)["content"]
+    damaged = sorted((content / "blobs").iterdir())[0]
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    result = install_node(media, root, env=inputs.env())
+    assert result.returncode == 0, describe(result)
+    assert f"repaired: /var/lib/rancher/k3s/agent/registry/blobs/{damaged.name}" in result.stderr, result.stderr
+    assert run([inputs.tool, "verify", "-q", "-d", content]).returncode == 0
+
+
+def test_install_node_checks_free_space_before_unpacking(media, inputs, tmp_path):
+    root = tmp_path / "root"
+    agent = root / "var/lib/rancher/k3s/agent"
+    agent.mkdir(parents=True)
+    mounted = run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", agent])
+    if mounted.returncode != 0:
+        pytest.fail(f"this test mounts a 64 KiB tmpfs and needs root: {mounted.stderr}", pytrace=False)
+    try:
+        result = install_node(media, root, env=inputs.env())
+        assert result.returncode == 1, describe(result)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("[ERROR]")]
+        assert len(errors) == 1 and "not enough space in /var/lib/rancher/k3s/agent" in errors[0], result.stderr
+        assert "MiB unpacked" in errors[0]
+        assert list(agent.iterdir()) == []
+        assert not installed(root)["binary"].exists()
+    finally:
+        run(["umount", agent])
 
 
 def test_install_node_keeps_an_existing_registries_yaml_unless_forced(media, inputs, tmp_path):
