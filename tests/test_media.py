@@ -820,3 +820,112 @@ def test_install_node_unzstd_media(media, inputs, tree, tmp_path):
     result = install_node(media, root, env=inputs.env())
     assert result.returncode == 0, describe(result)
     assert (installed(root)["content"] / "blobs").is_dir()
+
+
+# ----- media for several architectures, and images-only media ---------------------------------
+
+def two_arch_media(tmp_path: Path, tree: Path) -> tuple:
+    amd64, arm64 = make_inputs(tmp_path / "amd64"), make_inputs(tmp_path / "arm64", arch="arm64")
+    media = tmp_path / "media-both"
+    args = ["--arch", "amd64,arm64", "-k", amd64.k3s, "-k", arm64.k3s, "-m", arm64.registry,
+            "-m", amd64.registry, "-i", amd64.install_sh, "-v", K3S_VERSION]
+    if amd64.registry.read_bytes()[:2] == b"#!":
+        args.append("--allow-script")
+    result = run([MAKE_MEDIA, "-o", media, "-r", tree, *args], env=amd64.env())
+    assert result.returncode == 0, describe(result)
+    return media, amd64, arm64
+
+
+def test_media_for_two_architectures_holds_both_under_release_names(tree, tmp_path):
+    media, amd64, arm64 = two_arch_media(tmp_path, tree)
+    assert sorted(p.name for p in media.iterdir()) == sorted([
+        "README.txt", "SHA256SUMS", "install-node.sh", "install.sh", "k3s", "k3s-arm64",
+        "minimal-registry-linux-amd64", "minimal-registry-linux-arm64", "minimal-registry.service",
+        "registries.yaml", "registry.tar.gz"])
+    assert (media / "k3s").read_bytes() == amd64.k3s.read_bytes()
+    assert (media / "k3s-arm64").read_bytes() == arm64.k3s.read_bytes()
+    assert (media / "minimal-registry-linux-arm64").read_bytes() == arm64.registry.read_bytes()
+    assert (media / "minimal-registry-linux-amd64").read_bytes() == amd64.registry.read_bytes()
+    checked = run(["sha256sum", "-c", "SHA256SUMS"], cwd=media)
+    assert checked.returncode == 0, describe(checked)
+    assert len(checked.stdout.splitlines()) == 10
+    assert "linux/amd64, linux/arm64" in (media / "README.txt").read_text()
+
+
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_install_node_picks_its_architecture_from_media_for_both(tree, tmp_path, arch):
+    media, amd64, arm64 = two_arch_media(tmp_path, tree)
+    chosen = {"amd64": amd64, "arm64": arm64}[arch]
+    root = tmp_path / "root"
+    env = amd64.env({"INSTALL_NODE_ARCH": {"amd64": "x86_64", "arm64": "aarch64"}[arch]})
+    result = install_node(media, root, env=env)
+    assert result.returncode == 0, describe(result)
+    paths = installed(root)
+    assert paths["k3s"].read_bytes() == chosen.k3s.read_bytes()
+    assert paths["binary"].read_bytes() == chosen.registry.read_bytes()
+    assert (paths["content"] / "blobs").is_dir()
+
+
+def test_install_node_refuses_an_architecture_the_media_lacks(tree, tmp_path):
+    media, amd64, _ = two_arch_media(tmp_path, tree)
+    root = tmp_path / "root"
+    result = install_node(media, root, env=amd64.env({"INSTALL_NODE_ARCH": "riscv64"}))
+    assert result.returncode == 1, describe(result)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("[ERROR]")]
+    assert len(errors) == 1 and "this node is riscv64 and the media holds only amd64 arm64" in errors[0]
+    assert list(root.rglob("*")) == []
+
+
+def test_single_architecture_media_written_over_two_architecture_media_leaves_no_stale_file(tree, tmp_path):
+    media, amd64, _ = two_arch_media(tmp_path, tree)
+    result = make_media(amd64, tree, media)
+    assert result.returncode == 0, describe(result)
+    assert sorted(p.name for p in media.iterdir()) == sorted(MEDIA_FILES)
+
+
+def images_only_media(tmp_path: Path, tree: Path, registry: Path, inputs: Inputs) -> Path:
+    media = tmp_path / "images-only"
+    args = ["--images-only", "--arch", "amd64", "-m", registry]
+    if registry.read_bytes()[:2] == b"#!":
+        args.append("--allow-script")
+    result = run([MAKE_MEDIA, "-o", media, "-r", tree, *args], env=inputs.env())
+    assert result.returncode == 0, describe(result)
+    return media
+
+
+def test_images_only_media_holds_no_k3s(inputs, tree, tmp_path):
+    media = images_only_media(tmp_path, tree, inputs.registry, inputs)
+    assert sorted(p.name for p in media.iterdir()) == [
+        "README.txt", "SHA256SUMS", "install-node.sh", "minimal-registry", "registry.tar.gz"]
+    assert run(["sha256sum", "-c", "SHA256SUMS"], cwd=media).returncode == 0
+    assert "Nothing of K3s is on it" in (media / "README.txt").read_text()
+
+
+def test_images_only_media_merges_images_and_touches_nothing_of_k3s(media, inputs, tmp_path):
+    root = tmp_path / "root"
+    assert install_node(media, root, env=inputs.env()).returncode == 0
+    inputs.record.unlink()
+    app_tree = TreeBuilder(tmp_path / "app" / "registry")
+    app = app_tree.image("example/app", "2.0", files={"app": b"application\n"})
+    newer = tmp_path / "minimal-registry-newer"
+    newer.write_bytes(inputs.registry.read_bytes() + b"# a newer build\n")
+    newer.chmod(0o755)
+    images = images_only_media(tmp_path, app_tree.root, newer, inputs)
+    paths = installed(root)
+    untouched = {name: paths[name].read_bytes() for name in ("unit", "registries", "k3s", "binary")}
+
+    result = install_node(images, root, env=inputs.env())
+    assert result.returncode == 0, describe(result)
+    assert "added example/app:2.0" in result.stderr
+    assert "K3s, install.sh, registries.yaml and the units not touched" in result.stderr
+    assert "minimal-registry not touched (--registry installs it)" in result.stderr
+    assert not inputs.record.exists(), "install.sh ran from images-only media"
+    assert {name: paths[name].read_bytes() for name in untouched} == untouched
+    assert os.readlink(paths["content"] / "example/app/manifests/2.0") == app.digest
+    assert (paths["content"] / "rancher/mirrored-pause/manifests/3.6").exists(), "the system images stay"
+
+    upgraded = install_node(images, root, "--registry", env=inputs.env())
+    assert upgraded.returncode == 0, describe(upgraded)
+    assert paths["binary"].read_bytes() == newer.read_bytes()
+    assert "installed /usr/local/bin/minimal-registry" in upgraded.stderr
+    assert not inputs.record.exists()
