@@ -1,9 +1,13 @@
 """`minimal-registry rm` and `prune`: remove images by reference (as k3s-images.txt lists them),
 then give back exactly the space nothing else uses; safe beside a running server."""
 
+import fcntl
 import hashlib
 import json
 import os
+import queue
+import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,7 +15,7 @@ import pytest
 import imagetree
 from contentsupport import assert_one_line_error, copy_tree, mr, mr_process, snapshot
 from httpraw import connect
-from serverproc import running_registry
+from serverproc import command_env, registry_command, running_registry
 
 from minimal_registry.content import prune
 
@@ -268,3 +272,25 @@ def test_rm_and_prune_help_and_bad_arguments(tmp_path):
     assert "minimal-registry rm [-d DIR]" in usage.out and "minimal-registry prune [-d DIR] [--dry-run]" in usage.out
     assert_one_line_error(mr_process("prune", "-d", str(tmp_path / "nope")), "does not exist")
     assert_one_line_error(mr_process("rm", "-d", str(tmp_path)), "nothing to remove")
+
+
+def test_rm_waits_for_another_writer_holding_the_tree(two_releases):
+    """import, rm and prune never overlap: the second one says it waits, then runs."""
+    tree = two_releases[0]
+    tag = tree / "rancher/klipper-helm/manifests/v0.8.0"
+    holder = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        waiting = subprocess.Popen(registry_command() + ["rm", "-d", str(tree), "rancher/klipper-helm:v0.8.0"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=command_env())
+        first_line = queue.Queue()
+        threading.Thread(target=lambda: first_line.put(waiting.stderr.readline()), daemon=True).start()
+        said = first_line.get(timeout=30)
+        assert "waiting for another import, rm or prune" in said
+        assert waiting.poll() is None and os.path.lexists(tag), "rm went on while the tree was locked"
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        os.close(holder)
+    waiting.wait(timeout=60)
+    assert waiting.returncode == 0, waiting.stderr.read()
+    assert not os.path.lexists(tag)

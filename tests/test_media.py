@@ -203,8 +203,10 @@ def test_every_script_passes_shellcheck():
 
 
 def test_scripts_document_usage_in_help():
-    for script, words in ((MAKE_MEDIA, ["-o DIR", "--download", "K3S_RELEASE_URL", "--zstd"]),
-                          (INSTALL_NODE, ["--root DIR", "--no-start", "--dummy-route", "--agent"])):
+    for script, words in ((MAKE_MEDIA, ["-o DIR", "--download", "K3S_RELEASE_URL", "--zstd",
+                                        "--arch ARCHES", "amd64,arm64", "--images-only"]),
+                          (INSTALL_NODE, ["--root DIR", "--no-start", "--dummy-route", "--agent",
+                                          "--replace", "--registry", "INSTALL_NODE_ARCH"])):
         result = run(["bash", script, "--help"])
         assert result.returncode == 0, describe(result)
         for word in words:
