@@ -461,13 +461,13 @@ def release_server(root: Path) -> Iterator[ReleaseServer]:
 def publish_release(root: Path, inputs: Inputs, checksum: Optional[str] = None) -> None:
     """Lay out a K3s release as github.com serves it: releases/download/<version>/<file>."""
     release = root / "releases/download" / K3S_VERSION
-    release.mkdir(parents=True)
+    release.mkdir(parents=True, exist_ok=True)
     asset = "k3s" if inputs.arch == "amd64" else f"k3s-{inputs.arch}"
     shutil.copyfile(inputs.k3s, release / asset)
     digest = checksum or sha256_file(inputs.k3s)
     (release / f"sha256sum-{inputs.arch}.txt").write_text(
         f"{'0' * 64}  k3s-airgap-images-{inputs.arch}.tar.zst\n{digest}  {asset}\n")
-    (root / "releases/tag").mkdir(parents=True)
+    (root / "releases/tag").mkdir(parents=True, exist_ok=True)
     (root / "releases/tag" / K3S_VERSION).write_text("release page\n")
     shutil.copyfile(inputs.install_sh, root / "install.sh")
 
@@ -931,3 +931,22 @@ def test_images_only_media_merges_images_and_touches_nothing_of_k3s(media, input
     assert paths["binary"].read_bytes() == newer.read_bytes()
     assert "installed /usr/local/bin/minimal-registry" in upgraded.stderr
     assert not inputs.record.exists()
+
+
+def test_download_for_two_architectures_fetches_both_k3s(tree, tmp_path):
+    amd64, arm64 = make_inputs(tmp_path / "amd64"), make_inputs(tmp_path / "arm64", arch="arm64")
+    site, cache, media = tmp_path / "site", tmp_path / "k3s-cache", tmp_path / "media"
+    publish_release(site, amd64)
+    publish_release(site, arm64)
+    args = ["--arch", "amd64,arm64", "-m", amd64.registry, "-m", arm64.registry, "--download",
+            "--cache", cache, "-v", K3S_VERSION]
+    if amd64.registry.read_bytes()[:2] == b"#!":
+        args.append("--allow-script")
+    with release_server(site) as server:
+        result = run([MAKE_MEDIA, "-o", media, "-r", tree, *args], env=amd64.env(server.env()))
+        assert result.returncode == 0, describe(result)
+    for arch in ("amd64", "arm64"):
+        assert f"k3s {K3S_VERSION} {arch} matches sha256sum-{arch}.txt" in result.stderr
+    assert (media / "k3s").read_bytes() == amd64.k3s.read_bytes()
+    assert (media / "k3s-arm64").read_bytes() == arm64.k3s.read_bytes()
+    assert run(["sha256sum", "-c", "SHA256SUMS"], cwd=media).returncode == 0
