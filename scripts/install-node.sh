@@ -424,7 +424,8 @@ verify_space() {
 tag_list() {
     local tree=$1 path relative digest
     [ -d "${tree}" ] || return 0
-    find "${tree}" -mindepth 3 -path '*/manifests/*' ! -name 'sha256:*' ! -name '.*' \( -type l -o -type f \) -print \
+    # Dot directories are never content: an import's staging (`.import-*`), left or running.
+    find "${tree}" -mindepth 3 -path '*/manifests/*' ! -path '*/.*' ! -name 'sha256:*' \( -type l -o -type f \) -print \
         | while IFS= read -r path; do
             relative=${path#"${tree}"/}
             if [ -L "${path}" ]; then

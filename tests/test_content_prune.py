@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import imagetree
-from contentsupport import assert_one_line_error, copy_tree, mr, mr_process, snapshot
+from contentsupport import assert_one_line_error, mr, mr_process, snapshot
 from httpraw import connect
 from serverproc import command_env, registry_command, running_registry
 
@@ -294,3 +294,17 @@ def test_rm_waits_for_another_writer_holding_the_tree(two_releases):
     waiting.wait(timeout=60)
     assert waiting.returncode == 0, waiting.stderr.read()
     assert not os.path.lexists(tag)
+
+
+def test_a_manifest_linked_inside_the_tree_is_followed_and_kept(capsys, two_releases):
+    """The server serves a manifest file that is a link resolving inside the tree; so does prune."""
+    tree, pause, old_dns, new_dns, *_ = two_releases
+    stored = tree / "rancher/mirrored-coredns-coredns/manifests" / new_dns.digest
+    moved = tree / "kept-elsewhere" / new_dns.digest
+    moved.parent.mkdir()
+    os.replace(stored, moved)
+    os.symlink(os.path.relpath(moved, stored.parent), stored)
+    result = mr(capsys, "prune", "-d", str(tree))
+    assert result.code == 0, result
+    assert blobs_of(new_dns) <= stored_blobs(tree)
+    assert moved.exists() and stored.is_symlink()

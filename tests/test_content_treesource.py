@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import imagetree
-from contentsupport import copy_tree, mr, snapshot, tar_directory
+from contentsupport import copy_tree, mr, snapshot
 
 from minimal_registry.content import place
 

@@ -31,7 +31,7 @@ from minimal_registry import layout, reference
 from minimal_registry import manifest as manifests
 from minimal_registry.content.formatting import human_bytes
 from minimal_registry.content.remove import tag_digest
-from minimal_registry.content.treesafety import is_plain_directory, is_within_tree, read_regular
+from minimal_registry.content.treesafety import is_plain_directory, is_within_tree, read_regular_inside
 from minimal_registry.fatal import Fatal
 
 DAMAGED = 1
@@ -47,6 +47,7 @@ class Damaged(Fatal):
 class Marks:
     manifests: Set[Tuple[str, str]] = field(default_factory=set)  # (repository, digest)
     blobs: Set[str] = field(default_factory=set)
+    tree_real: str = ""
 
 
 @dataclass
@@ -67,7 +68,7 @@ def repositories(tree: Path) -> List[str]:
 
 
 def mark(tree: Path) -> Marks:
-    marks = Marks()
+    marks = Marks(tree_real=os.path.realpath(tree))
     repos = repositories(tree)
     for repository in repos:
         directory = layout.manifests_dir(tree, repository)
@@ -89,7 +90,7 @@ def _mark_manifest(tree: Path, repository: str, digest: str, marks: Marks) -> No
         if (repository, current) in marks.manifests:
             continue
         marks.manifests.add((repository, current))
-        parsed = _read_manifest(layout.manifests_dir(tree, repository) / current)
+        parsed = _read_manifest(layout.manifests_dir(tree, repository) / current, marks.tree_real)
         if parsed is None:
             continue  # a tag or index entry naming a manifest the tree does not hold
         if parsed.is_index:
@@ -98,15 +99,15 @@ def _mark_manifest(tree: Path, repository: str, digest: str, marks: Marks) -> No
             marks.blobs.add(blob.digest)
 
 
-def _read_manifest(path: Path) -> Optional[manifests.Manifest]:
+def _read_manifest(path: Path, tree_real: str) -> Optional[manifests.Manifest]:
     if not os.path.lexists(path):
         return None
     try:
-        body = read_regular(str(path), manifests.MAX_MANIFEST_SIZE)
+        body = read_regular_inside(tree_real, str(path), manifests.MAX_MANIFEST_SIZE)
     except OSError as error:
         raise Damaged(f"cannot read the manifest {path}: {error.strerror}") from None
     if body is None:
-        raise Damaged(f"{path} is not a regular file of at most 4 MiB")
+        raise Damaged(f"{path} is not a regular file of at most 4 MiB inside the tree")
     try:
         parsed = manifests.parse(body)
     except manifests.NotAManifest as problem:
@@ -127,7 +128,7 @@ def _mark_referrers(tree: Path, repos: List[str], marks: Marks) -> None:
                 if (repository, digest) in marks.manifests:
                     continue
                 try:
-                    body = read_regular(str(directory / digest), manifests.MAX_MANIFEST_SIZE)
+                    body = read_regular_inside(marks.tree_real, str(directory / digest), manifests.MAX_MANIFEST_SIZE)
                     parsed = manifests.parse(body) if body is not None else None
                 except (OSError, manifests.NotAManifest):
                     continue  # unreadable and untagged: nothing reaches it

@@ -68,3 +68,14 @@ def read_regular(path: str, limit: int) -> Optional[bytes]:
         return data if len(data) <= limit else None
     finally:
         os.close(fd)
+
+
+def read_regular_inside(tree_real: str, path: str, limit: int) -> Optional[bytes]:
+    """`read_regular`, following a symlink only when it resolves inside the tree (the rule
+    the server serves by); None for a link out of it."""
+    if os.path.islink(path):
+        real = os.path.realpath(path)
+        if not is_within_tree(tree_real, real):
+            return None
+        path = real
+    return read_regular(path, limit)
