@@ -424,10 +424,11 @@ verify_space() {
 tag_list() {
     local tree=$1 path relative digest
     [ -d "${tree}" ] || return 0
-    # Dot directories are never content: an import's staging (`.import-*`), left or running.
-    find "${tree}" -mindepth 3 -path '*/manifests/*' ! -path '*/.*' ! -name 'sha256:*' \( -type l -o -type f \) -print \
+    find "${tree}" -mindepth 3 -path '*/manifests/*' ! -name 'sha256:*' \( -type l -o -type f \) -print \
         | while IFS= read -r path; do
             relative=${path#"${tree}"/}
+            # Dot names are never content: an import's staging (`.import-*`), a temporary file.
+            case "/${relative}" in */.*) continue ;; esac
             if [ -L "${path}" ]; then
                 digest=$(readlink -- "${path}")
                 digest=${digest##*/}

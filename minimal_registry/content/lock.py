@@ -21,8 +21,8 @@ def exclusive(tree: Path, command: str) -> Iterator[None]:
     """Hold the tree's lock for the block; wait (saying so) while another command has it."""
     try:
         fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        yield  # nothing to share yet: `import` creates the tree
+    except (FileNotFoundError, NotADirectoryError):
+        yield  # nothing to share: `import` creates the tree, or says why it cannot
         return
     except OSError as error:
         raise Fatal(f"cannot open {tree}: {error.strerror}", "check the path and its permissions") from None
