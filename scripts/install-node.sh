@@ -458,7 +458,15 @@ tree_problems() {
     local output code=0
     output=$(registry_tool verify -q -d "$1") || code=$?
     case "${code}" in
-        0 | 1) printf '%s\n' "${output}" | grep '^PROBLEM ' | sed "s|^PROBLEM ${ROOT}|PROBLEM |" || true ;;
+        0 | 1)
+            local line
+            while IFS= read -r line; do
+                case "${line}" in
+                    "PROBLEM ${ROOT}"*) printf 'PROBLEM %s\n' "${line#"PROBLEM ${ROOT}"}" ;;
+                    "PROBLEM "*) printf '%s\n' "${line}" ;;
+                esac
+            done <<<"${output}"
+            ;;
         *) fatal "cannot check the installed content tree $1 (minimal-registry verify exit ${code})" ;;
     esac
 }
