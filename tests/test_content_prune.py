@@ -308,3 +308,10 @@ def test_a_manifest_linked_inside_the_tree_is_followed_and_kept(capsys, two_rele
     assert result.code == 0, result
     assert blobs_of(new_dns) <= stored_blobs(tree)
     assert moved.exists() and stored.is_symlink()
+
+
+def test_rm_refuses_a_list_that_is_not_a_regular_file(two_releases, tmp_path):
+    fifo = tmp_path / "list.fifo"
+    os.mkfifo(fifo)
+    result = mr_process("rm", "-d", str(two_releases[0]), "-f", str(fifo), timeout=30)
+    assert_one_line_error(result, "cannot read the list")

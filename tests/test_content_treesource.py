@@ -155,3 +155,18 @@ def test_a_source_blob_linked_out_of_the_source_tree_is_not_read(capsys, tmp_pat
     result = mr(capsys, "import", "-d", str(tmp_path / "node"), str(source.root))
     assert result.code == 3, result
     assert image.layers[0].digest in result.err and "Traceback" not in result.err
+
+
+@pytest.mark.parametrize("kind", ["link-out", "fifo"])
+def test_a_source_tag_that_is_no_manifest_is_refused_in_one_line(capsys, tmp_path, kind):
+    source = imagetree.TreeBuilder(tmp_path / "source")
+    source.image("example/app", "1.0", files={"app": b"x\n"})
+    bad = source.root / "example/app/manifests/latest"
+    if kind == "link-out":
+        os.symlink("/etc/passwd", bad)
+    else:
+        os.mkfifo(bad)
+    result = mr(capsys, "import", "-d", str(tmp_path / "node"), str(source.root))
+    assert result.code == 2, result
+    assert "latest: the tag names no manifest" in result.err and "Traceback" not in result.err
+    assert not (tmp_path / "node" / "example").exists()
