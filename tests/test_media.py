@@ -950,3 +950,23 @@ def test_download_for_two_architectures_fetches_both_k3s(tree, tmp_path):
     assert (media / "k3s").read_bytes() == amd64.k3s.read_bytes()
     assert (media / "k3s-arm64").read_bytes() == arm64.k3s.read_bytes()
     assert run(["sha256sum", "-c", "SHA256SUMS"], cwd=media).returncode == 0
+
+
+def test_images_only_media_for_two_architectures_installs_on_each(tree, tmp_path):
+    amd64, arm64 = make_inputs(tmp_path / "amd64"), make_inputs(tmp_path / "arm64", arch="arm64")
+    media = tmp_path / "images-both"
+    args = ["--images-only", "--arch", "amd64,arm64", "-m", amd64.registry, "-m", arm64.registry]
+    if amd64.registry.read_bytes()[:2] == b"#!":
+        args.append("--allow-script")
+    result = run([MAKE_MEDIA, "-o", media, "-r", tree, *args], env=amd64.env())
+    assert result.returncode == 0, describe(result)
+    assert sorted(p.name for p in media.iterdir()) == [
+        "README.txt", "SHA256SUMS", "install-node.sh", "minimal-registry-linux-amd64",
+        "minimal-registry-linux-arm64", "registry.tar.gz"]
+    for arch, machine in (("amd64", "x86_64"), ("arm64", "aarch64")):
+        root = tmp_path / f"root-{arch}"
+        installed_here = install_node(media, root, "--registry", env=amd64.env({"INSTALL_NODE_ARCH": machine}))
+        assert installed_here.returncode == 0, describe(installed_here)
+        chosen = {"amd64": amd64, "arm64": arm64}[arch]
+        assert installed(root)["binary"].read_bytes() == chosen.registry.read_bytes()
+        assert not installed(root)["k3s"].exists() and not installed(root)["unit"].exists()
