@@ -27,11 +27,12 @@ from typing import Iterator, List, Optional
 
 from minimal_registry import manifest as manifests
 from minimal_registry import layout, reference
-from minimal_registry.content import archive, dockerarchive, ocilayout, treesource
+from minimal_registry.content import archive, dockerarchive, ocilayout
 from minimal_registry.content.archive import Entry
 from minimal_registry.content.files import SourceFiles
 from minimal_registry.content.pool import Pool, Root
 from minimal_registry.fatal import Fatal
+from minimal_registry.content import treesource
 
 STAGING_PREFIX = ".import-"
 SKOPEO_DIR_VERSION = "version"
