@@ -23,7 +23,7 @@ live) and `minimal_registry.manifest` (what a manifest says), the same code the 
     remove.py        `rm`: tags and manifests by reference, k3s-images.txt lists
     prune.py         `prune`: mark from the tags, sweep what nothing reaches
     lock.py          one writer at a time (import, rm, prune): flock on the tree
-    treesafety.py    the containment rule, and reads of regular files only
+    containment.py   the containment rule rm, prune and tree sources use; regular files only
     treewalk.py      a tree's repositories and blobs, for verify and ls
     hashing.py       sha256 of many files at disk speed, on every core
     progress.py      a bar on a terminal, plain lines elsewhere

@@ -31,7 +31,7 @@ from minimal_registry import layout, reference
 from minimal_registry import manifest as manifests
 from minimal_registry.content.formatting import human_bytes
 from minimal_registry.content.remove import tag_digest
-from minimal_registry.content.treesafety import is_plain_directory, is_within_tree, read_regular_inside
+from minimal_registry.content.containment import is_plain_directory, is_within_tree, read_regular_inside
 from minimal_registry.fatal import Fatal
 
 DAMAGED = 1

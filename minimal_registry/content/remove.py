@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Set, Tuple
 from minimal_registry import layout, reference
 from minimal_registry import manifest as manifests
 from minimal_registry.content import names
-from minimal_registry.content.treesafety import is_plain_directory, read_regular
+from minimal_registry.content.containment import is_plain_directory, read_regular
 from minimal_registry.fatal import Fatal
 
 REF_HINT = "write NAME:TAG or NAME@sha256:<64 hex>, for example docker.io/rancher/mirrored-pause:3.6"

@@ -26,7 +26,7 @@ from minimal_registry import manifest as manifests
 from minimal_registry.content import names
 from minimal_registry.content.archive import Entry, StagedArchive
 from minimal_registry.content.pool import Pool, Root
-from minimal_registry.content.treesafety import is_within_tree, read_regular
+from minimal_registry.content.containment import is_within_tree, read_regular
 from minimal_registry.fatal import Fatal
 
 HINT = "check the source tree with `minimal-registry verify -d DIR`"
