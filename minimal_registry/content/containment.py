@@ -3,9 +3,9 @@ reads that open only regular files.
 
 `is_within_tree` is the rule `prune`, `rm` and a tree given to `import` share, written once
 here so that the server's own containment function (`minimal_registry.treesafety`, on
-another branch) can replace it in one place. Reads open
-with O_NOFOLLOW and O_NONBLOCK and check the file type before reading, so a symlink, a FIFO
-or a device in a tree can neither lead outside it nor hang or flood a tool.
+another branch) can replace it in one place. Reads open with O_NOFOLLOW and O_NONBLOCK and
+check the file type before reading, so a symlink, a FIFO or a device in a tree can neither
+lead outside it nor hang or flood a tool.
 """
 
 import os
