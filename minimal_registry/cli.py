@@ -7,15 +7,21 @@ Usage:
                           [--platform LIST] [-q]
   minimal-registry verify [-d DIR] [--fast] [-q]
   minimal-registry ls [-d DIR] [--json]
+  minimal-registry rm [-d DIR] [--json] [-q] [-f FILE]... [--keep FILE]... [REF...]
+  minimal-registry prune [-d DIR] [--dry-run] [--json] [-q]
   minimal-registry (-h | --help)
   minimal-registry --version
 
 Commands:
   serve     Serve the content tree over HTTP (the default).
-  import    Lay images from OCI layouts, OCI archives or docker-save archives
-            (plain, .gz or .zst) into the content tree.
+  import    Lay images from OCI layouts, OCI archives, docker-save archives or
+            another content tree (plain, .gz or .zst) into the content tree.
   verify    Check every blob, manifest and tag of the content tree.
   ls        List repositories, tags, digests, platforms and sizes.
+  rm        Remove tags (NAME:TAG) or manifests (NAME@sha256:...); the space is
+            freed by prune.
+  prune     Delete the manifests no tag reaches and the blobs no kept manifest
+            references; say how much that freed.
 
 Options:
   -d DIR, --dir DIR       The content tree to serve or fill
@@ -28,7 +34,8 @@ Options:
   --tls-key FILE          The certificate's PEM private key.
   --max-connections N     Connections served at once; more wait (default: 1000).
   --log-format FORMAT     Access log as `text` or `json` (default: text).
-  -q, --quiet             No access log (serve); only problems (import, verify).
+  -q, --quiet             No access log (serve); only problems (import, verify,
+                          rm), only the total (prune).
   --name NAME             Import: repository name for a source that names none.
   --tag TAG               Import: tag for a source that names none.
   --keep-domain           Import: file images under their registry domain
@@ -37,7 +44,12 @@ Options:
   --platform LIST         Import: of an index, keep only these platforms
                           (os/arch[/variant], comma-separated) or all [default: all].
   --fast                  Verify: check sizes and references, not hashes.
-  --json                  ls: print JSON.
+  --json                  ls, rm, prune: print JSON.
+  -f FILE, --file FILE    rm: also the references in FILE, one per line, as in
+                          K3s's k3s-images.txt (# comments; - reads stdin).
+  --keep FILE             rm: spare the references FILE lists (the next release's
+                          k3s-images.txt: images both releases use stay).
+  --dry-run               prune: say what would be deleted, delete nothing.
   -h, --help              Show this help.
   --version               Show the version, architecture, Python and gevent.
 
@@ -88,17 +100,18 @@ def main(argv=None) -> int:
         return 2
     try:
         if args["import"]:
-            from minimal_registry.content import importer
+            from minimal_registry.content import importer, lock
 
-            return importer.run(
-                sources=[Path(s) for s in args["SOURCE"]],
-                tree=_directory(args, must_exist=False),
-                name=args["--name"],
-                tag=args["--tag"],
-                keep_domain=args["--keep-domain"],
-                platform=args["--platform"],
-                quiet=args["--quiet"],
-            )
+            with lock.exclusive(_directory(args, must_exist=False), "import"):
+                return importer.run(
+                    sources=[Path(s) for s in args["SOURCE"]],
+                    tree=_directory(args, must_exist=False),
+                    name=args["--name"],
+                    tag=args["--tag"],
+                    keep_domain=args["--keep-domain"],
+                    platform=args["--platform"],
+                    quiet=args["--quiet"],
+                )
         if args["verify"]:
             from minimal_registry.content import verify
 
@@ -107,6 +120,20 @@ def main(argv=None) -> int:
             from minimal_registry.content import listing
 
             return listing.run(tree=_directory(args), as_json=args["--json"])
+        if args["rm"]:
+            from minimal_registry.content import lock, remove
+
+            with lock.exclusive(_directory(args), "rm"):
+                return remove.run(tree=_directory(args), arguments=args["REF"],
+                                  files=[Path(f) for f in args["--file"]],
+                                  keep_files=[Path(f) for f in args["--keep"]],
+                                  as_json=args["--json"], quiet=args["--quiet"])
+        if args["prune"]:
+            from minimal_registry.content import lock, prune
+
+            with lock.exclusive(_directory(args), "prune"):
+                return prune.run(tree=_directory(args), dry_run=args["--dry-run"],
+                                 as_json=args["--json"], quiet=args["--quiet"])
 
         from minimal_registry import server
 

@@ -6,15 +6,25 @@
 #
 # Steps, each skipped when already done (a second run changes nothing and says so):
 #   1. check every file on the media against SHA256SUMS; stop on any mismatch, naming the
-#      file, before anything is installed;
-#   2. install minimal-registry to /usr/local/bin, its unit to /etc/systemd/system, the
-#      content tree to /var/lib/rancher/k3s/agent/registry (unpacked beside it, checked
-#      with `minimal-registry verify --fast`, then swapped in), registries.yaml to
-#      /etc/rancher/k3s/ (an existing one is kept unless --force) and k3s to /usr/local/bin;
-#   3. enable and start minimal-registry and wait until /v2/ answers;
-#   4. run K3s's install.sh with INSTALL_K3S_SKIP_DOWNLOAD=true: a server gets
+#      file, before anything is installed; pick this node's architecture's binaries
+#      (media for several architectures hold k3s, k3s-arm64, minimal-registry-linux-ARCH);
+#   2. merge the media's images into the content tree /var/lib/rancher/k3s/agent/registry
+#      with `minimal-registry import`: images the media lacks stay, a tag the media points
+#      elsewhere is re-pointed and listed ("name:tag: sha256:aaa -> sha256:bbb"), every blob
+#      is hashed before it gets its name, and a server reading the tree meanwhile never sees
+#      a half-written file. The installed tree is checked first (`minimal-registry verify`):
+#      whatever the media holds of a missing or damaged file is repaired, and said so. The
+#      free space is checked against the archive's unpacked size first. --replace swaps the
+#      whole tree for the media's instead, after listing the images that go;
+#   3. install minimal-registry to /usr/local/bin, its unit to /etc/systemd/system,
+#      registries.yaml to /etc/rancher/k3s/ (an existing one is kept unless --force) and k3s
+#      to /usr/local/bin;
+#   4. enable and start minimal-registry and wait until /v2/ answers;
+#   5. run K3s's install.sh with INSTALL_K3S_SKIP_DOWNLOAD=true: a server gets
 #      `--system-default-registry bootstrap-registry.airgap` (agents get it from their server;
 #      `k3s agent` has no such flag).
+# On images-only media (make-airgap-media.sh --images-only) only step 2 runs, and step 3 for
+# minimal-registry itself with --registry: nothing of K3s is touched.
 #
 # Options:
 #   --agent          install a K3s agent (needs K3S_URL and K3S_TOKEN or K3S_TOKEN_FILE)
@@ -23,6 +33,9 @@
 #   --force          replace an existing /etc/rancher/k3s/registries.yaml (saved as .bak)
 #   --no-start       install and enable, but start nothing (INSTALL_K3S_SKIP_START=true)
 #   --skip-k3s       install minimal-registry only; do not install k3s or run install.sh
+#   --replace        replace the node's content tree with the media's instead of merging
+#                    (images the media lacks are deleted: they are listed first)
+#   --registry       images-only media: also install or upgrade minimal-registry itself
 #   --root DIR       install under DIR instead of / (tests, image building): enables units
 #                    with `systemctl --root`, runs install.sh with its directories under DIR
 #                    and INSTALL_K3S_SKIP_ENABLE=true, and touches nothing outside DIR
@@ -36,13 +49,16 @@
 #   MINIMAL_REGISTRY_URL     where to check that the registry answers
 #                            (default: http://127.0.0.1:9080, as in registries.yaml)
 #   MINIMAL_REGISTRY_WAIT    seconds to wait for it (default: 60)
+#   INSTALL_NODE_ARCH        the node's architecture, instead of `uname -m` (amd64, arm64;
+#                            for installing under --root for another machine)
 #
 # Exit status: 0 done (or nothing to do), 1 failed (one line on stderr says why).
+# A failed merge leaves the content tree valid: what was merged stays, nothing is half-written.
 
 set -o errexit -o nounset -o pipefail
 
 readonly SYSTEM_DEFAULT_REGISTRY=bootstrap-registry.airgap
-readonly MEDIA_FILES="install.sh k3s minimal-registry minimal-registry.service registries.yaml"
+readonly K3S_MEDIA_FILES="install.sh minimal-registry.service registries.yaml"
 readonly BIN_DIR=/usr/local/bin
 readonly UNIT_DIR=/etc/systemd/system
 readonly AGENT_DIR=/var/lib/rancher/k3s/agent
@@ -59,6 +75,14 @@ DUMMY_ROUTE=false
 FORCE=false
 NO_START=false
 SKIP_K3S=false
+REPLACE=false
+WITH_REGISTRY=false
+IMAGES_ONLY=false
+LISTED=" "
+K3S_FILE=
+REGISTRY_FILE=
+TOOL=
+TOOL_TMP=
 INSTALL_ARGS=()
 ARCHIVE=
 ARCHIVE_SHA256=
@@ -110,6 +134,8 @@ parse_args() {
             --force) FORCE=true ;;
             --no-start) NO_START=true ;;
             --skip-k3s) SKIP_K3S=true ;;
+            --replace) REPLACE=true ;;
+            --registry) WITH_REGISTRY=true ;;
             --root) [ "$#" -ge 2 ] || fatal "--root needs a directory"; ROOT=$2; shift ;;
             --root=*) ROOT=${1#*=} ;;
             --media) [ "$#" -ge 2 ] || fatal "--media needs a directory"; MEDIA=$2; shift ;;
@@ -199,17 +225,33 @@ verify_media() {
                 ;;
         esac
     done <"${sums}"
-    for name in ${MEDIA_FILES}; do
-        case "${listed}" in
-            *" ${name} "*) ;;
-            *) fatal "${name} is not on the media (or not in SHA256SUMS); write it again with make-airgap-media.sh" ;;
-        esac
-    done
+    LISTED=${listed}
+    # Images-only media (make-airgap-media.sh --images-only) carry no K3s at all.
+    case "${listed}" in
+        *" install.sh "* | *" k3s "* | *" k3s-"*) ;;
+        *) IMAGES_ONLY=true ;;
+    esac
+    if [ "${IMAGES_ONLY}" = false ]; then
+        for name in ${K3S_MEDIA_FILES}; do
+            require_on_media "${name}"
+        done
+    fi
     [ -n "${ARCHIVE}" ] || fatal "the media holds no registry.tar.gz or registry.tar.zst"
     if [ "${ARCHIVE}" = registry.tar.zst ] && ! command -v zstd >/dev/null 2>&1; then
         fatal "registry.tar.zst needs zstd, which this node lacks; write the media without --zstd"
     fi
     info "media checked: every file matches SHA256SUMS"
+}
+
+on_media() {
+    case "${LISTED}" in
+        *" $1 "*) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+require_on_media() {
+    on_media "$1" || fatal "$1 is not on the media (or not in SHA256SUMS); write it again with make-airgap-media.sh"
 }
 
 # The ELF machine of a file: amd64, arm64, or what it is otherwise.
@@ -229,15 +271,50 @@ elf_arch() {
     esac
 }
 
+# The architectures a media for several holds: those of its minimal-registry-linux-ARCH.
+media_arches() {
+    local name arches=
+    for name in ${LISTED}; do
+        case "${name}" in
+            minimal-registry-linux-*) arches="${arches:+${arches} }${name#minimal-registry-linux-}" ;;
+        esac
+    done
+    printf '%s' "${arches}"
+}
+
+# Pick this node's binaries: K3s's release names (k3s for amd64, k3s-ARCH otherwise) and
+# minimal-registry-linux-ARCH on media for several architectures; k3s and minimal-registry
+# on media for one. Refuse an architecture the media lacks.
 verify_arch() {
-    local machine media_arch
-    machine=$(uname -m)
+    local machine media_arch arches
+    machine=${INSTALL_NODE_ARCH:-$(uname -m)}
     case "${machine}" in
         x86_64 | amd64) NODE_ARCH=amd64 ;;
         aarch64 | arm64) NODE_ARCH=arm64 ;;
         *) NODE_ARCH=${machine} ;;
     esac
-    media_arch=$(elf_arch "${MEDIA}/k3s")
+    arches=$(media_arches)
+    if [ -n "${arches}" ]; then
+        on_media "minimal-registry-linux-${NODE_ARCH}" \
+            || fatal "this node is ${NODE_ARCH} and the media holds only ${arches}: write media with --arch ${arches// /,},${NODE_ARCH}"
+        REGISTRY_FILE=minimal-registry-linux-${NODE_ARCH}
+        K3S_FILE=k3s
+        [ "${NODE_ARCH}" = amd64 ] || K3S_FILE=k3s-${NODE_ARCH}
+        if [ "${IMAGES_ONLY}" = false ]; then
+            on_media "${K3S_FILE}" || fatal "this node is ${NODE_ARCH} and the media holds no ${K3S_FILE}: write media with --arch ${NODE_ARCH}"
+        fi
+    else
+        require_on_media minimal-registry
+        REGISTRY_FILE=minimal-registry
+        K3S_FILE=k3s
+        [ "${IMAGES_ONLY}" = true ] || require_on_media k3s
+    fi
+    if [ "${IMAGES_ONLY}" = true ]; then
+        media_arch=$(elf_arch "${MEDIA}/${REGISTRY_FILE}")
+        [ "${media_arch}" != not-elf ] || media_arch=${NODE_ARCH}
+    else
+        media_arch=$(elf_arch "${MEDIA}/${K3S_FILE}")
+    fi
     if [ "${media_arch}" != "${NODE_ARCH}" ]; then
         if [ -n "${ROOT}" ]; then
             warn "the media is for ${media_arch} and this machine is ${NODE_ARCH}: fine for --root, but nothing will run here"
@@ -276,7 +353,10 @@ install_file() {
 }
 
 install_binary() {
-    if install_file "${MEDIA}/minimal-registry" "$(target "${BIN_DIR}/minimal-registry")" 0755; then
+    if [ "${IMAGES_ONLY}" = true ] && [ "${WITH_REGISTRY}" = false ]; then
+        return 0
+    fi
+    if install_file "${MEDIA}/${REGISTRY_FILE}" "$(target "${BIN_DIR}/minimal-registry")" 0755; then
         changed "installed ${BIN_DIR}/minimal-registry"
         REGISTRY_CHANGED=true
     else
@@ -285,6 +365,7 @@ install_binary() {
 }
 
 install_unit() {
+    [ "${IMAGES_ONLY}" = false ] || return 0
     if install_file "${MEDIA}/minimal-registry.service" "$(target "${UNIT_DIR}/minimal-registry.service")" 0644; then
         changed "installed ${UNIT_DIR}/minimal-registry.service"
         REGISTRY_CHANGED=true
@@ -294,59 +375,195 @@ install_unit() {
     fi
 }
 
-# Unpack the content archive beside its final place and check it, before anything on the
-# node changes. Sets STAGING (empty when the installed tree is already this archive's).
-stage_content() {
-    local content stamp parent tool tool_arch cache
-    content=$(target "${CONTENT_DIR}")
-    stamp=$(target "${CONTENT_STAMP}")
-    if [ -d "${content}" ] && [ -f "${stamp}" ] && [ "$(cat -- "${stamp}")" = "${ARCHIVE_SHA256}" ]; then
-        return
-    fi
-    parent=$(dirname "${content}")
-    mkdir -p -- "${parent}"
-    STAGING=$(mktemp -d "${parent}/.registry.new.XXXXXX")
-    info "unpacking ${ARCHIVE} into ${parent}"
-    case "${ARCHIVE}" in
-        registry.tar.gz) gzip -dc -- "${MEDIA}/${ARCHIVE}" ;;
-        registry.tar.zst) zstd -dcq -- "${MEDIA}/${ARCHIVE}" ;;
-    esac | tar -x -f - -C "${STAGING}" --no-same-owner \
-        || fatal "cannot unpack ${ARCHIVE} into ${parent} (is the disk full?)"
-    [ -d "${STAGING}/registry/blobs" ] || fatal "${ARCHIVE} holds no registry/blobs: not a content tree"
-    if [ "$(find "${STAGING}" -mindepth 1 -maxdepth 1 | wc -l)" -ne 1 ]; then
-        fatal "${ARCHIVE} holds more than registry/ at its top"
-    fi
+# --- step: content ---
 
-    # The media's binary checks the tree. It runs from the unit's cache directory: the media
-    # may be mounted noexec, and so may /tmp, where a one-file binary unpacks itself.
-    tool_arch=$(elf_arch "${MEDIA}/minimal-registry")
-    if [ "${tool_arch}" != "${NODE_ARCH}" ] && [ "${tool_arch}" != not-elf ]; then
-        warn "minimal-registry (${tool_arch}) cannot run on this machine: content tree not checked"
-        return
-    fi
+# The media's minimal-registry, copied where it can run: the unit's cache directory (the
+# media may be mounted noexec, and so may /tmp, where a one-file binary unpacks itself).
+# Sets TOOL; returns 1 when it cannot run on this machine.
+prepare_tool() {
+    local cache
+    [ -z "${TOOL}" ] || return 0
     cache=$(target "${CACHE_DIR}")
     mkdir -p -- "${cache}"
     chmod 0700 -- "${cache}"
     TOOL_DIR=$(mktemp -d "${cache}/.install-node.XXXXXX")
-    tool=${TOOL_DIR}/minimal-registry
-    cp -- "${MEDIA}/minimal-registry" "${tool}"
-    chmod 0755 -- "${tool}"
-    info "checking the content tree (minimal-registry verify --fast)"
-    TMPDIR=${cache} "${tool}" verify --fast -q -d "${STAGING}/registry" \
-        || fatal "the content tree in ${ARCHIVE} fails minimal-registry verify --fast; nothing was installed"
+    cp -- "${MEDIA}/${REGISTRY_FILE}" "${TOOL_DIR}/minimal-registry"
+    chmod 0755 -- "${TOOL_DIR}/minimal-registry"
+    TOOL_TMP=${cache}
+    if ! TMPDIR=${TOOL_TMP} "${TOOL_DIR}/minimal-registry" --version >/dev/null 2>&1; then
+        return 1
+    fi
+    TOOL=${TOOL_DIR}/minimal-registry
 }
 
-# Swap the checked tree in: the old one is moved aside, then removed.
+registry_tool() {
+    TMPDIR=${TOOL_TMP} "${TOOL}" "$@"
+}
+
+decompress_archive() {
+    case "${ARCHIVE}" in
+        registry.tar.gz) gzip -dc -- "${MEDIA}/${ARCHIVE}" ;;
+        registry.tar.zst) zstd -dcq -- "${MEDIA}/${ARCHIVE}" ;;
+    esac
+}
+
+# Room to unpack the archive in DIR: its unpacked size (counted by reading it: gzip's own
+# record of it wraps at 4 GiB) and 16 MiB to spare.
+verify_space() {
+    local directory=$1 need available
+    need=$(decompress_archive | wc -c) || fatal "cannot read ${ARCHIVE}"
+    need=$((need + 16777216))
+    available=$(df -P -k -- "${directory}" | awk 'NR == 2 { print $4 }')
+    available=$((available * 1024))
+    if [ "${available}" -lt "${need}" ]; then
+        fatal "not enough space in ${directory#"${ROOT}"}: ${ARCHIVE} needs $((need / 1048576)) MiB unpacked, $((available / 1048576)) MiB free; nothing was changed"
+    fi
+}
+
+# "name:tag sha256:..." for every tag of a tree, sorted: what the node serves.
+tag_list() {
+    local tree=$1 path relative digest
+    [ -d "${tree}" ] || return 0
+    find "${tree}" -mindepth 3 -path '*/manifests/*' ! -name 'sha256:*' \( -type l -o -type f \) -print \
+        | while IFS= read -r path; do
+            relative=${path#"${tree}"/}
+            # Dot names are never content: an import's staging (`.import-*`), a temporary file.
+            case "/${relative}" in */.*) continue ;; esac
+            if [ -L "${path}" ]; then
+                digest=$(readlink -- "${path}")
+                digest=${digest##*/}
+            else
+                digest=$(sha256sum <"${path}")
+                digest="sha256:${digest%% *}"
+            fi
+            printf '%s:%s %s\n' "${relative%/manifests/*}" "${relative##*/}" "${digest}"
+        done | LC_ALL=C sort
+}
+
+# What changed between two tag lists (files): re-pointed and added tags, one line each.
+# Prints nothing when nothing did.
+tag_changes() {
+    awk 'NR == FNR { before[$1] = $2; next }
+         !($1 in before) { print "added " $1; next }
+         before[$1] != $2 { print "re-pointed " $1 ": " before[$1] " -> " $2 }' "$1" "$2"
+}
+
+# Tags of the first list that the second lacks: what --replace deletes.
+tags_missing_from() {
+    awk 'NR == FNR { kept[$1] = 1; next } !($1 in kept) { print $1 }' "$2" "$1"
+}
+
+# The installed tree's problems (`minimal-registry verify`), one line each; empty when sound.
+tree_problems() {
+    local output code=0
+    output=$(registry_tool verify -q -d "$1") || code=$?
+    case "${code}" in
+        0 | 1)
+            local line
+            while IFS= read -r line; do
+                case "${line}" in
+                    "PROBLEM ${ROOT}"*) printf 'PROBLEM %s\n' "${line#"PROBLEM ${ROOT}"}" ;;
+                    "PROBLEM "*) printf '%s\n' "${line}" ;;
+                esac
+            done <<<"${output}"
+            ;;
+        *) fatal "cannot check the installed content tree $1 (minimal-registry verify exit ${code})" ;;
+    esac
+}
+
+write_stamp() {
+    local stamp
+    stamp=$(target "${CONTENT_STAMP}")
+    printf '%s\n' "${ARCHIVE_SHA256}" >"${stamp}.new"
+    mv -f -- "${stamp}.new" "${stamp}"
+}
+
+# The media's tree into the node's: a new tree, a merge, or (--replace) a swap.
 install_content() {
-    local content stamp parent old
-    if [ -z "${STAGING}" ]; then
-        unchanged "installed ${CONTENT_DIR}"
+    local content
+    content=$(target "${CONTENT_DIR}")
+    if [ -d "${content}" ] && [ "${REPLACE}" = false ]; then
+        merge_content "${content}"
+    else
+        fresh_content "${content}"
+    fi
+}
+
+merge_content() {
+    local content=$1 stamp problems before after changes
+    stamp=$(target "${CONTENT_STAMP}")
+    prepare_tool || fatal "the media's ${REGISTRY_FILE} cannot run here, and merging needs it; --replace swaps the tree without it"
+    info "checking the installed content tree (minimal-registry verify)"
+    problems=$(tree_problems "${content}")
+    if [ -z "${problems}" ] && [ -f "${stamp}" ] && [ "$(cat -- "${stamp}")" = "${ARCHIVE_SHA256}" ]; then
+        unchanged "merged ${ARCHIVE} into ${CONTENT_DIR}"
+        info "content tree intact, and it already holds the images of ${ARCHIVE}"
         return
     fi
-    content=$(target "${CONTENT_DIR}")
-    stamp=$(target "${CONTENT_STAMP}")
+    if [ -n "${problems}" ]; then
+        warn "the installed content tree is damaged; repairing what the media holds:"
+        printf '%s\n' "${problems}" | sed 's/^/[WARN]    /' >&2
+    fi
+    verify_space "${content}"
+    before=${TMP_DIR}/tags.before
+    after=${TMP_DIR}/tags.after
+    tag_list "${content}" >"${before}"
+    info "merging ${ARCHIVE} into ${CONTENT_DIR} (images the media lacks stay)"
+    registry_tool import -q -d "${content}" "${MEDIA}/${ARCHIVE}" \
+        || fatal "merging ${ARCHIVE} into ${CONTENT_DIR} failed (see above); the tree is valid, with what was merged so far"
+    tag_list "${content}" >"${after}"
+    changes=$(tag_changes "${before}" "${after}")
+    if [ -n "${changes}" ]; then
+        printf '%s\n' "${changes}" | while IFS= read -r line; do info "  ${line}"; done
+    fi
+    write_stamp
+    if [ -n "${problems}" ]; then
+        local left
+        left=$(tree_problems "${content}")
+        if [ -z "${left}" ]; then
+            changed "repaired ${CONTENT_DIR}: $(printf '%s\n' "${problems}" | wc -l) problems fixed from ${ARCHIVE}"
+            printf '%s\n' "${problems}" | sed 's/^PROBLEM /repaired: /' | while IFS= read -r line; do info "  ${line}"; done
+        else
+            warn "still damaged after the merge (the media does not hold these, or did not replace them): remove the images with minimal-registry rm, or bring media that holds them:"
+            printf '%s\n' "${left}" | sed 's/^/[WARN]    /' >&2
+            changed "repaired ${CONTENT_DIR} in part"
+        fi
+    fi
+    if [ -n "${changes}" ]; then
+        changed "merged ${ARCHIVE} into ${CONTENT_DIR}: $(printf '%s\n' "${changes}" | grep -c '^added') added, $(printf '%s\n' "${changes}" | grep -c '^re-pointed') re-pointed"
+    elif [ -z "${problems}" ]; then
+        unchanged "merged ${ARCHIVE} into ${CONTENT_DIR}"
+        info "the content tree already held every image of ${ARCHIVE}"
+    fi
+}
+
+# Build the media's tree beside the final place, then move it in (swapping out the old one
+# for --replace, after listing what goes). Checked by importing it when the media's
+# minimal-registry runs here; else only unpacked (under --root for another architecture).
+fresh_content() {
+    local content=$1 parent old gone
     parent=$(dirname "${content}")
+    mkdir -p -- "${parent}"
+    verify_space "${parent}"
+    STAGING=$(mktemp -d "${parent}/.registry.new.XXXXXX")
+    if prepare_tool; then
+        info "importing ${ARCHIVE} (every blob and manifest checked against its digest)"
+        registry_tool import -q -d "${STAGING}/registry" "${MEDIA}/${ARCHIVE}" \
+            || fatal "the content tree in ${ARCHIVE} does not import cleanly (see above); nothing was installed"
+    else
+        warn "the media's ${REGISTRY_FILE} cannot run on this machine: content tree unpacked, not checked"
+        decompress_archive | tar -x -f - -C "${STAGING}" --no-same-owner \
+            || fatal "cannot unpack ${ARCHIVE} into ${parent} (is the disk full?)"
+        [ -d "${STAGING}/registry/blobs" ] || fatal "${ARCHIVE} holds no registry/blobs: not a content tree"
+    fi
     if [ -e "${content}" ]; then
+        gone=$(tags_missing_from <(tag_list "${content}") <(tag_list "${STAGING}/registry"))
+        if [ -n "${gone}" ]; then
+            warn "--replace deletes these $(printf '%s\n' "${gone}" | wc -l) images, which the media lacks:"
+            printf '%s\n' "${gone}" | sed 's/^/[WARN]    /' >&2
+        else
+            info "--replace: every image on the node is on the media too"
+        fi
         old=$(mktemp -d "${parent}/.registry.old.XXXXXX")
         mv -- "${content}" "${old}/registry"
         if ! mv -- "${STAGING}/registry" "${content}"; then
@@ -359,12 +576,12 @@ install_content() {
     fi
     rm -rf -- "${STAGING}"
     STAGING=
-    printf '%s\n' "${ARCHIVE_SHA256}" >"${stamp}.new"
-    mv -f -- "${stamp}.new" "${stamp}"
-    changed "installed ${CONTENT_DIR}"
+    write_stamp
+    changed "installed ${CONTENT_DIR} ($(tag_list "${content}" | wc -l) images from ${ARCHIVE})"
 }
 
 install_registries_yaml() {
+    [ "${IMAGES_ONLY}" = false ] || return 0
     local dest
     dest=$(target "${K3S_CONFIG_DIR}/registries.yaml")
     if same_bytes "${MEDIA}/registries.yaml" "${dest}"; then
@@ -385,8 +602,8 @@ install_registries_yaml() {
 }
 
 install_k3s_binary() {
-    [ "${SKIP_K3S}" = false ] || return 0
-    if install_file "${MEDIA}/k3s" "$(target "${BIN_DIR}/k3s")" 0755; then
+    [ "${SKIP_K3S}" = false ] && [ "${IMAGES_ONLY}" = false ] || return 0
+    if install_file "${MEDIA}/${K3S_FILE}" "$(target "${BIN_DIR}/k3s")" 0755; then
         changed "installed ${BIN_DIR}/k3s"
     else
         unchanged "installed ${BIN_DIR}/k3s"
@@ -395,7 +612,7 @@ install_k3s_binary() {
 
 # A default route through a dummy interface, applied at every boot before K3s.
 install_dummy_route() {
-    [ "${DUMMY_ROUTE}" = true ] || return 0
+    [ "${DUMMY_ROUTE}" = true ] && [ "${IMAGES_ONLY}" = false ] || return 0
     local unit=${TMP_DIR}/${ROUTE_UNIT}
     cat >"${unit}" <<'EOF'
 # Written by install-node.sh --dummy-route: K3s needs a default route even on a node with no
@@ -431,6 +648,7 @@ systemctl_root() {
 }
 
 enable_units() {
+    [ "${IMAGES_ONLY}" = false ] || return 0
     local units=(minimal-registry.service)
     [ "${DUMMY_ROUTE}" = false ] || units+=("${ROUTE_UNIT}")
     if [ -n "${ROOT}" ] && ! command -v systemctl >/dev/null 2>&1; then
@@ -454,6 +672,15 @@ enable_units() {
 start_registry() {
     if [ -n "${ROOT}" ] || [ "${NO_START}" = true ]; then
         info "not starting minimal-registry (--root or --no-start)"
+        return
+    fi
+    if [ "${IMAGES_ONLY}" = true ]; then
+        # The running server serves the merged images at once; only a new binary needs a restart.
+        if [ "${REGISTRY_CHANGED}" = true ] && systemctl is-active --quiet minimal-registry.service; then
+            info "restarting minimal-registry (binary changed)"
+            systemctl restart minimal-registry.service
+            wait_for_registry
+        fi
         return
     fi
     if [ "${DUMMY_ROUTE}" = true ]; then
@@ -503,7 +730,7 @@ wait_for_registry() {
 
 # --- step: K3s ---
 run_k3s_install() {
-    [ "${SKIP_K3S}" = false ] || return 0
+    [ "${SKIP_K3S}" = false ] && [ "${IMAGES_ONLY}" = false ] || return 0
     local args=()
     if [ "${AGENT}" = true ]; then
         args=(agent)
@@ -535,6 +762,11 @@ run_k3s_install() {
 }
 
 summary() {
+    if [ "${IMAGES_ONLY}" = true ]; then
+        local binary="minimal-registry not touched (--registry installs it)"
+        [ "${WITH_REGISTRY}" = false ] || binary="minimal-registry from the media"
+        info "images-only media: merged its images; ${binary}; K3s, install.sh, registries.yaml and the units not touched"
+    fi
     if [ "${#CHANGED[@]}" -eq 0 ]; then
         info "nothing to do: everything on the media was already installed"
     else
@@ -551,10 +783,9 @@ verify_agent_settings
 verify_media
 verify_arch
 TMP_DIR=$(mktemp -d)
-stage_content
+install_content
 install_binary
 install_unit
-install_content
 install_registries_yaml
 install_k3s_binary
 install_dummy_route

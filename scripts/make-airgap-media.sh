@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make-airgap-media.sh: on a connected host, write everything an air-gapped K3s node needs
-# onto removable media (a mounted USB stick, a directory to burn), for one architecture.
+# onto removable media (a mounted USB stick, a directory to burn), for one architecture or
+# several, or (--images-only) only images to add to running nodes.
 #
 #   scripts/make-airgap-media.sh -o DIR (-r REGISTRY_DIR | -b BUNDLE) [OPTIONS]
 #
@@ -17,6 +18,14 @@
 #   README.txt               the node's steps
 #   SHA256SUMS               sha256 of every file above; install-node.sh checks it first
 #
+# With --arch amd64,arm64 (one media for a mixed cluster) the binaries go under the names of
+# K3s's releases: k3s and k3s-arm64, minimal-registry-linux-amd64 and
+# minimal-registry-linux-arm64; install-node.sh picks by the node's `uname -m`. The tree is
+# one for all (download it with -p linux/amd64,linux/arm64).
+# With --images-only the media holds only registry.tar.gz, minimal-registry (per
+# architecture as above), install-node.sh, README.txt and SHA256SUMS: install-node.sh then
+# merges the images into a running node and touches nothing of K3s.
+#
 # Before writing, it checks that every input exists and is for the architecture (ELF header),
 # that the content tree passes `minimal-registry verify --fast` (a bundle: that it is a
 # complete archive of registry/), and that the media has room. Files are written under a
@@ -27,12 +36,15 @@
 #   -o DIR           the media directory (created if missing)
 #   -r DIR           the content tree to pack (from download-system-images.sh)
 #   -b FILE          an existing bundle (registry.tar.gz or registry.tar.zst) to copy as is
-#   --arch ARCH      amd64 or arm64 (default: this host's)
+#   --arch ARCHES    amd64, arm64, or both as amd64,arm64 (default: this host's)
+#   --images-only    images only: no k3s, install.sh, unit or registries.yaml
 #   -v VERSION       K3s version, e.g. v1.31.4+k3s1, or stable / latest (resolved through
 #                    the channel server; needs --download). Names the download and README.txt
-#   -k FILE          the k3s binary (default: the download cache's, see --download)
+#   -k FILE          the k3s binary (default: the download cache's, see --download); for
+#                    several architectures give one -k per architecture (told by its ELF header)
 #   -i FILE          K3s's install.sh (default: the download cache's)
-#   -m FILE          the minimal-registry binary (default: dist/minimal-registry-linux-ARCH)
+#   -m FILE          the minimal-registry binary (default: dist/minimal-registry-linux-ARCH);
+#                    one -m per architecture, as -k
 #   -y FILE          registries.yaml (default: the one beside the tree or bundle, as
 #                    download-system-images.sh writes it; else packaging/registries.yaml)
 #   --zstd           write registry.tar.zst (needs zstd here, and on the node)
@@ -74,6 +86,12 @@ OUT=
 TREE=
 BUNDLE=
 ARCH=
+ARCHES=()
+IMAGES_ONLY=false
+K3S_GIVEN=()
+REGISTRY_GIVEN=()
+declare -A K3S_BINS=()
+declare -A REGISTRY_BINS=()
 VERSION=
 K3S_BIN=
 INSTALL_SH=
@@ -123,11 +141,12 @@ parse_args() {
             --arch) need_value "$1" "$#"; ARCH=$2; shift ;;
             --arch=*) ARCH=${1#*=} ;;
             -v) need_value "$1" "$#"; VERSION=$2; shift ;;
-            -k) need_value "$1" "$#"; K3S_BIN=$2; shift ;;
+            -k) need_value "$1" "$#"; K3S_GIVEN+=("$2"); shift ;;
             -i) need_value "$1" "$#"; INSTALL_SH=$2; shift ;;
-            -m) need_value "$1" "$#"; REGISTRY_BIN=$2; shift ;;
+            -m) need_value "$1" "$#"; REGISTRY_GIVEN+=("$2"); shift ;;
             -y) need_value "$1" "$#"; REGISTRIES_YAML=$2; shift ;;
             --zstd) ZSTD=true ;;
+            --images-only) IMAGES_ONLY=true ;;
             --download) DOWNLOAD=true ;;
             --cache) need_value "$1" "$#"; CACHE=$2; shift ;;
             --cache=*) CACHE=${1#*=} ;;
@@ -149,10 +168,17 @@ parse_args() {
             *) fatal "cannot tell the architecture from $(uname -m): give --arch amd64|arm64" ;;
         esac
     fi
-    case "${ARCH}" in
-        amd64 | arm64) ;;
-        *) fatal "--arch must be amd64 or arm64, not '${ARCH}'" ;;
-    esac
+    local arch
+    IFS=, read -r -a ARCHES <<<"${ARCH}"
+    [ "${#ARCHES[@]}" -gt 0 ] || fatal "--arch must be amd64 or arm64, or amd64,arm64; not '${ARCH}'"
+    for arch in "${ARCHES[@]}"; do
+        case "${arch}" in
+            amd64 | arm64) ;;
+            *) fatal "--arch must be amd64 or arm64, or amd64,arm64; not '${ARCH}'" ;;
+        esac
+    done
+    [ "$(printf '%s\n' "${ARCHES[@]}" | sort -u | wc -l)" -eq "${#ARCHES[@]}" ] || fatal "--arch names an architecture twice: '${ARCH}'"
+    ARCH=${ARCHES[0]}
     if [ -z "${VERSION}" ] && [ "${DOWNLOAD}" = true ]; then
         VERSION=stable
     fi
@@ -164,8 +190,12 @@ parse_args() {
         [ "${DOWNLOAD}" = true ] || fatal "-v ${VERSION} is resolved through the network: add --download, or give the version"
     fi
     CACHE=${CACHE:-${XDG_CACHE_HOME:-${HOME}/.cache}/minimal-registry/k3s}
-    REGISTRY_BIN=${REGISTRY_BIN:-${ROOT_DIR}/dist/minimal-registry-linux-${ARCH}}
+    if [ "${IMAGES_ONLY}" = true ] && [ "${#K3S_GIVEN[@]}" -gt 0 ]; then
+        fatal "--images-only media hold no k3s: leave out -k"
+    fi
 }
+
+multi_arch() { [ "${#ARCHES[@]}" -gt 1 ]; }
 
 # --- step: tools ---
 verify_tools() {
@@ -237,9 +267,13 @@ resolve_version() {
     VERSION=${effective}
 }
 
-# The name K3s releases the binary under for ARCH.
+# The name K3s releases the binary under for an architecture (and for ARCH).
+k3s_release_name() {
+    if [ "$1" = amd64 ]; then printf 'k3s'; else printf 'k3s-%s' "$1"; fi
+}
+
 k3s_asset() {
-    if [ "${ARCH}" = amd64 ]; then printf 'k3s'; else printf 'k3s-%s' "${ARCH}"; fi
+    k3s_release_name "${ARCH}"
 }
 
 # Fill the cache with whatever is missing of k3s, its checksums and install.sh; check k3s.
@@ -295,29 +329,83 @@ verify_install_script() {
 }
 
 # --- step: inputs ---
-verify_inputs() {
+
+# Which -k and -m file is for which architecture: with one --arch, the last given (checked
+# against it later); with several, each ELF file's own header says (a script given as
+# minimal-registry with --allow-script stands for the architectures no ELF file claims).
+assign_given() {
+    local file arch
+    if ! multi_arch; then
+        [ "${#K3S_GIVEN[@]}" -eq 0 ] || K3S_BINS[${ARCH}]=${K3S_GIVEN[-1]}
+        [ "${#REGISTRY_GIVEN[@]}" -eq 0 ] || REGISTRY_BINS[${ARCH}]=${REGISTRY_GIVEN[-1]}
+        return
+    fi
+    for file in "${K3S_GIVEN[@]}"; do
+        [ -f "${file}" ] || fatal "k3s binary ${file} does not exist"
+        arch=$(elf_arch "${file}")
+        arch_wanted "${arch}" || fatal "${file} is ${arch}, which --arch ${ARCHES[*]} does not name: the wrong k3s binary"
+        K3S_BINS[${arch}]=${file}
+    done
+    for file in "${REGISTRY_GIVEN[@]}"; do
+        [ -f "${file}" ] || fatal "minimal-registry binary ${file} does not exist"
+        arch=$(elf_arch "${file}")
+        [ "${arch}" != not-elf ] || continue
+        arch_wanted "${arch}" || fatal "${file} is ${arch}, which --arch ${ARCHES[*]} does not name: the wrong minimal-registry binary"
+        REGISTRY_BINS[${arch}]=${file}
+    done
+    for file in "${REGISTRY_GIVEN[@]}"; do
+        [ "$(elf_arch "${file}")" = not-elf ] || continue
+        for arch in "${ARCHES[@]}"; do
+            [ -n "${REGISTRY_BINS[${arch}]:-}" ] || REGISTRY_BINS[${arch}]=${file}
+        done
+    done
+}
+
+arch_wanted() {
+    local arch
+    for arch in "${ARCHES[@]}"; do
+        [ "${arch}" != "$1" ] || return 0
+    done
+    return 1
+}
+
+# Fetch (--download) and check each architecture's binaries, by the per-architecture steps.
+prepare_binaries() {
+    local arch
+    assign_given
+    for arch in "${ARCHES[@]}"; do
+        ARCH=${arch}
+        K3S_BIN=${K3S_BINS[${arch}]:-}
+        REGISTRY_BIN=${REGISTRY_BINS[${arch}]:-${ROOT_DIR}/dist/minimal-registry-linux-${arch}}
+        if [ "${IMAGES_ONLY}" = false ]; then
+            download_release
+            verify_k3s_binary
+        fi
+        verify_registry_binary
+        K3S_BINS[${arch}]=${K3S_BIN}
+        REGISTRY_BINS[${arch}]=${REGISTRY_BIN}
+    done
+    ARCH=${ARCHES[0]}
+}
+
+verify_k3s_binary() {
     if [ -z "${K3S_BIN}" ]; then
         if [ -n "${VERSION}" ] && [ -f "${CACHE}/${VERSION}/${ARCH}/$(k3s_asset)" ]; then
             K3S_BIN=${CACHE}/${VERSION}/${ARCH}/$(k3s_asset)
         else
-            fatal "no k3s binary: give -k FILE, or -v VERSION --download"
-        fi
-    fi
-    if [ -z "${INSTALL_SH}" ]; then
-        if [ -n "${VERSION}" ] && [ -f "${CACHE}/${VERSION}/install.sh" ]; then
-            INSTALL_SH=${CACHE}/${VERSION}/install.sh
-        else
-            fatal "no install.sh: give -i FILE, or --download"
+            fatal "no k3s binary for ${ARCH}: give -k FILE, or -v VERSION --download"
         fi
     fi
     [ -f "${K3S_BIN}" ] || fatal "k3s binary ${K3S_BIN} does not exist"
-    [ -f "${INSTALL_SH}" ] || fatal "install.sh ${INSTALL_SH} does not exist"
-    [ -f "${REGISTRY_BIN}" ] || fatal "minimal-registry binary ${REGISTRY_BIN} does not exist (build it with scripts/build-binary.sh ${ARCH}, or give -m FILE)"
-
     local arch
     arch=$(elf_arch "${K3S_BIN}")
     [ "${arch}" != not-elf ] || fatal "${K3S_BIN} is not an ELF executable: not a k3s binary"
     [ "${arch}" = "${ARCH}" ] || fatal "${K3S_BIN} is ${arch}, not ${ARCH}: the wrong k3s binary"
+}
+
+verify_registry_binary() {
+    [ -f "${REGISTRY_BIN}" ] || fatal "minimal-registry binary ${REGISTRY_BIN} does not exist (build it with scripts/build-binary.sh ${ARCH}, or give -m FILE)"
+    local arch
     arch=$(elf_arch "${REGISTRY_BIN}")
     if [ "${arch}" = not-elf ] && [ "$(head -c 2 -- "${REGISTRY_BIN}")" = '#!' ]; then
         [ "${ALLOW_SCRIPT}" = true ] \
@@ -328,7 +416,20 @@ verify_inputs() {
     elif [ "${arch}" != "${ARCH}" ]; then
         fatal "${REGISTRY_BIN} is ${arch}, not ${ARCH}: the wrong minimal-registry binary"
     fi
-    verify_install_script "${INSTALL_SH}"
+}
+
+verify_inputs() {
+    if [ "${IMAGES_ONLY}" = false ] && [ -z "${INSTALL_SH}" ]; then
+        if [ -n "${VERSION}" ] && [ -f "${CACHE}/${VERSION}/install.sh" ]; then
+            INSTALL_SH=${CACHE}/${VERSION}/install.sh
+        else
+            fatal "no install.sh: give -i FILE, or --download"
+        fi
+    fi
+    if [ "${IMAGES_ONLY}" = false ]; then
+        [ -f "${INSTALL_SH}" ] || fatal "install.sh ${INSTALL_SH} does not exist"
+        verify_install_script "${INSTALL_SH}"
+    fi
 
     if [ -n "${TREE}" ]; then
         [ -d "${TREE}" ] || fatal "content tree ${TREE} does not exist"
@@ -351,11 +452,19 @@ verify_inputs() {
             REGISTRIES_YAML=${ROOT_DIR}/packaging/registries.yaml
         fi
     fi
+    if [ "${IMAGES_ONLY}" = true ]; then
+        info "images-only media for ${ARCHES[*]}: minimal-registry $(printf '%s ' "${REGISTRY_BINS[@]}")"
+        return
+    fi
     [ -f "${REGISTRIES_YAML}" ] || fatal "registries.yaml ${REGISTRIES_YAML} does not exist"
     grep -q '^mirrors:' "${REGISTRIES_YAML}" || fatal "${REGISTRIES_YAML} has no mirrors: section"
     grep -q 'bootstrap-registry\.airgap' "${REGISTRIES_YAML}" \
         || warn "${REGISTRIES_YAML} has no bootstrap-registry.airgap mirror, which install-node.sh's K3s server uses"
-    info "using k3s ${K3S_BIN}, install.sh ${INSTALL_SH}, minimal-registry ${REGISTRY_BIN}, registries.yaml ${REGISTRIES_YAML}"
+    local arch
+    for arch in "${ARCHES[@]}"; do
+        info "using for ${arch}: k3s ${K3S_BINS[${arch}]}, minimal-registry ${REGISTRY_BINS[${arch}]}"
+    done
+    info "using install.sh ${INSTALL_SH}, registries.yaml ${REGISTRIES_YAML}"
 }
 
 # A minimal-registry that runs here, to verify the tree.
@@ -364,8 +473,8 @@ find_registry_tool() {
         REGISTRY_TOOL=("${MINIMAL_REGISTRY_BIN}")
     elif [ -n "${MINIMAL_REGISTRY_CMD:-}" ]; then
         read -r -a REGISTRY_TOOL <<<"${MINIMAL_REGISTRY_CMD}"
-    elif [ -x "${REGISTRY_BIN}" ] && "${REGISTRY_BIN}" --version >/dev/null 2>&1; then
-        REGISTRY_TOOL=("${REGISTRY_BIN}")
+    elif [ -x "${REGISTRY_BINS[${ARCH}]}" ] && "${REGISTRY_BINS[${ARCH}]}" --version >/dev/null 2>&1; then
+        REGISTRY_TOOL=("${REGISTRY_BINS[${ARCH}]}")
     elif command -v minimal-registry >/dev/null 2>&1; then
         REGISTRY_TOOL=(minimal-registry)
     elif [ -d "${ROOT_DIR}/minimal_registry" ]; then
@@ -415,7 +524,7 @@ archive_size_bound() {
 
 verify_space() {
     local need=0 file available
-    for file in "${K3S_BIN}" "${INSTALL_SH}" "${REGISTRY_BIN}"; do
+    for file in ${INSTALL_SH:+"${INSTALL_SH}"} "${K3S_BINS[@]}" "${REGISTRY_BINS[@]}"; do
         need=$((need + $(stat -L -c '%s' -- "${file}")))
     done
     need=$((need + $(archive_size_bound)))
@@ -461,24 +570,40 @@ write_archive() {
 }
 
 render_readme() {
-    local version=${VERSION:-"(version not recorded: give -v)"}
-    sed -e "s|@K3S_VERSION@|${version}|g" -e "s|@ARCH@|${ARCH}|g" \
+    local version=${VERSION:-"(version not recorded: give -v)"} template=README.txt platforms
+    [ "${IMAGES_ONLY}" = false ] || template=README-images-only.txt
+    platforms=$(printf 'linux/%s, ' "${ARCHES[@]}")
+    sed -e "s|@K3S_VERSION@|${version}|g" -e "s|@ARCH@|${platforms%, }|g" \
         -e "s|@ARCHIVE@|$(printf '%-24s' "${ARCHIVE}")|g" \
-        "${ROOT_DIR}/packaging/README.txt" >"${STAGE}/README.txt"
+        "${ROOT_DIR}/packaging/${template}" >"${STAGE}/README.txt"
 }
 
 # The media's files: NAME<TAB>SOURCE. Generated ones are made in the staging directory.
 media_files() {
+    local arch
     printf '%s\t%s\n' \
-        install.sh "${INSTALL_SH}" \
-        k3s "${K3S_BIN}" \
         "${ARCHIVE}" "${STAGE}/${ARCHIVE}" \
-        minimal-registry "${REGISTRY_BIN}" \
-        minimal-registry.service "${ROOT_DIR}/minimal-registry.service" \
-        registries.yaml "${REGISTRIES_YAML}" \
         install-node.sh "${ROOT_DIR}/scripts/install-node.sh" \
         README.txt "${STAGE}/README.txt"
+    if multi_arch; then
+        for arch in "${ARCHES[@]}"; do
+            printf 'minimal-registry-linux-%s\t%s\n' "${arch}" "${REGISTRY_BINS[${arch}]}"
+            [ "${IMAGES_ONLY}" = true ] || printf '%s\t%s\n' "$(k3s_release_name "${arch}")" "${K3S_BINS[${arch}]}"
+        done
+    else
+        printf 'minimal-registry\t%s\n' "${REGISTRY_BINS[${ARCH}]}"
+        [ "${IMAGES_ONLY}" = true ] || printf 'k3s\t%s\n' "${K3S_BINS[${ARCH}]}"
+    fi
+    [ "${IMAGES_ONLY}" = true ] || printf '%s\t%s\n' \
+        install.sh "${INSTALL_SH}" \
+        minimal-registry.service "${ROOT_DIR}/minimal-registry.service" \
+        registries.yaml "${REGISTRIES_YAML}"
 }
+
+# Files of ours a previous media in OUT may hold and this one does not: removed, so the
+# media holds only what SHA256SUMS lists.
+STALE_CANDIDATES="registry.tar.gz registry.tar.zst install.sh k3s k3s-arm64 minimal-registry
+minimal-registry-linux-amd64 minimal-registry-linux-arm64 minimal-registry.service registries.yaml"
 
 stage_files() {
     write_archive
@@ -504,7 +629,7 @@ publish_file() {
     # which is harmless: the node runs these through bash and sh.
     local mode=0644
     case "${name}" in
-        k3s | minimal-registry | install.sh | install-node.sh) mode=0755 ;;
+        k3s | k3s-* | minimal-registry | minimal-registry-linux-* | install.sh | install-node.sh) mode=0755 ;;
     esac
     chmod "${mode}" -- "${STAGE}/${name}" 2>/dev/null || true
     mv -f -- "${STAGE}/${name}" "${OUT}/${name}"
@@ -518,10 +643,13 @@ publish() {
     while IFS=$'\t' read -r name source; do
         publish_file "${name}" "${source}"
     done < <(media_files)
-    for name in registry.tar.gz registry.tar.zst; do
-        if [ "${name}" != "${ARCHIVE}" ] && [ -e "${OUT}/${name}" ]; then
+    local keep
+    keep=" $(media_files | cut -f 1 | tr '\n' ' ')"
+    for name in ${STALE_CANDIDATES}; do
+        case "${keep}" in *" ${name} "*) continue ;; esac
+        if [ -e "${OUT}/${name}" ]; then
             rm -f -- "${OUT}/${name}"
-            info "removed ${name}: the media now holds ${ARCHIVE}"
+            info "removed ${name}: this media does not hold it"
             WRITTEN+=("-${name}")
         fi
     done
@@ -535,7 +663,9 @@ summary() {
     else
         info "wrote ${WRITTEN[*]} to ${OUT}"
     fi
-    info "media ready for ${ARCH}${VERSION:+ (K3s ${VERSION})}: on the node run  bash install-node.sh  from it"
+    local what="media ready for ${ARCHES[*]}${VERSION:+ (K3s ${VERSION})}"
+    [ "${IMAGES_ONLY}" = false ] || what="images-only media ready for ${ARCHES[*]}"
+    info "${what}: on the node run  bash install-node.sh  from it"
 }
 
 # --- main ---
@@ -543,7 +673,7 @@ trap cleanup EXIT
 parse_args "$@"
 verify_tools
 TMP_DIR=$(mktemp -d)
-download_release
+prepare_binaries
 verify_inputs
 verify_content
 prepare_media

@@ -13,14 +13,17 @@ Only the port differs from a real node: the installed registries.yaml says 127.0
 the installed server listens on a free port here, so the endpoint's port is replaced by it.
 """
 
+import json
 import re
+import threading
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 import pytest
 
 import clients
-from imagetree import build_standard_tree
+from httpraw import sha256_of_body
+from imagetree import TreeBuilder, build_standard_tree
 from serverproc import PROJECT_ROOT, running_registry
 from test_media import (K3S_VERSION, describe, install_node, make_inputs, make_media, read_record,
                         run)
@@ -176,3 +179,153 @@ def test_whole_journey_from_the_internet_to_containerd(containerd, tmp_path, mon
     assert re.fullmatch(r"[0-9a-f]{64}\n", (installed.parent / ".registry.sha256").read_text())
     wanted = [(f"{clients.MIRRORED_HOST}/{item.name}:{item.tag}", item.digest) for item in system_images]
     pull_everything(containerd, root, tmp_path, monkeypatch, wanted)
+
+
+# ----- a node's lifetime: upgrade K3s, add an application, remove the old release -------------
+
+K3S_LIKE = ("rancher/mirrored-pause", "rancher/mirrored-coredns-coredns", "rancher/klipper-helm",
+            "rancher/local-path-provisioner")
+RELEASES = {  # tag of each image in each release: pause is in both, the others move on
+    "v1.30.8+k3s1": ("3.6", "1.10.1", "v0.8.0", "v0.0.24"),
+    "v1.31.4+k3s1": ("3.6", "1.11.3", "v0.9.3", "v0.0.30"),
+}
+
+
+class Poller:
+    """GETs every manifest (by tag and digest) and blob of `items` in a loop on a thread, and
+    records every answer that is not a 200 with the expected digest: what a kubelet pulling
+    during the upgrade would have seen."""
+
+    def __init__(self, server, items):
+        self.server, self.items = server, items
+        self.failures: List[str] = []
+        self.rounds = 0
+        self._stop = threading.Event()
+        self.first_round = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=60)
+        assert not self._thread.is_alive(), "the poller did not stop"
+
+    def _check(self, path: str, digest: str) -> None:
+        try:
+            status, actual, _ = sha256_of_body(self.server, path)
+        except OSError as error:
+            self.failures.append(f"{path}: {error}")
+            return
+        if status != 200 or actual != digest:
+            self.failures.append(f"{path}: {status} {actual}")
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            for item in self.items:
+                self._check(f"/v2/{item.name}/manifests/{item.tag}", item.digest)
+                self._check(f"/v2/{item.name}/manifests/{item.digest}", item.digest)
+                for blob in item.blobs:
+                    self._check(f"/v2/{item.name}/blobs/{blob.digest}", blob.digest)
+            self.rounds += 1
+            self.first_round.set()
+
+
+def download_release(tmp_path: Path, internet, version: str, images_txt: Path, tool) -> Path:
+    """download-system-images.sh for one release's list, from the stand-in internet."""
+    local_list = tmp_path / f"pull-{version}.txt"
+    local_list.write_text(images_txt.read_text().replace("docker.io/", f"{internet.host_port}/"))
+    tree = tmp_path / f"host-{version}" / "registry"
+    downloaded = run([DOWNLOAD_SCRIPT, "-v", version, "-l", local_list, "-d", tree, "-p", AMD64,
+                      "--tool", "skopeo"],
+                     env=tool.env({"MINIMAL_REGISTRY_CMD": str(tool.tool),
+                                   "PLAIN_HTTP_REGISTRIES": internet.host_port, "TMPDIR": str(tmp_path),
+                                   "PULL_RETRIES": "2", "RETRY_DELAY": "1"}),
+                     timeout=600)
+    assert downloaded.returncode == 0, describe(downloaded)
+    return tree
+
+
+def test_upgrade_k3s_add_an_application_and_remove_the_old_release(tmp_path, monkeypatch):
+    """Two media from two releases' k3s-images.txt; the node installed from the first, the
+    second merged in while a server on the node's tree is polled (no request may fail),
+    then an images-only media for an application, then `rm -f` + `prune` of the old release."""
+    if clients.skopeo_missing():
+        pytest.fail(f"cannot download with skopeo: {clients.skopeo_missing()}", pytrace=False)
+    builder = TreeBuilder(tmp_path / "internet" / "registry")
+    release_items = {version: [builder.image(name, tag, files={"id": f"{name}:{tag}\n".encode()})
+                               for name, tag in zip(K3S_LIKE, tags)]
+                     for version, tags in RELEASES.items()}
+    app = builder.image("example/shop", "2.1", files={"shop": b"the operator's application\n"})
+    old_version, new_version = RELEASES
+    lists = {}
+    for version, items in release_items.items():
+        lists[version] = tmp_path / f"k3s-images-{version}.txt"
+        lists[version].write_text("".join(f"docker.io/{i.name}:{i.tag}\n" for i in items))
+    app_list = tmp_path / "shop-images.txt"
+    app_list.write_text(f"docker.io/{app.name}:{app.tag}\n")
+
+    tool = make_inputs(tmp_path / "tool")
+    with running_registry(builder.root, log_path=tmp_path / "internet.log") as internet:
+        trees = {v: download_release(tmp_path, internet, v, lists[v], tool) for v in RELEASES}
+        app_tree = download_release(tmp_path, internet, "app", app_list, tool)
+
+    inputs = make_inputs(tmp_path / "inputs")
+    media = {}
+    for version, tree in trees.items():
+        media[version] = tmp_path / f"media-{version}"
+        made = make_media(inputs, tree, media[version])
+        assert made.returncode == 0, describe(made)
+    app_media = tmp_path / "media-shop"
+    made = run([PROJECT_ROOT / "scripts/make-airgap-media.sh", "-o", app_media, "-r", app_tree,
+                "--images-only", "--arch", "amd64", "-m", inputs.registry]
+               + (["--allow-script"] if inputs.registry.read_bytes()[:2] == b"#!" else []), env=inputs.env())
+    assert made.returncode == 0, describe(made)
+
+    root = tmp_path / "node"
+    first = install_node(media[old_version], root, env=inputs.env())
+    assert first.returncode == 0, describe(first)
+    content = root / INSTALLED_CONTENT
+    monkeypatch.setenv("MINIMAL_REGISTRY_BIN", str(root / INSTALLED_BINARY))
+    with running_registry(content, "-q", log_path=tmp_path / "node.log") as node:
+        with Poller(node, release_items[old_version]) as poller:
+            assert poller.first_round.wait(60), "the poller never finished a round"
+            rounds_before = poller.rounds
+            upgrade = install_node(media[new_version], root, env=inputs.env())
+            rounds_during = poller.rounds - rounds_before
+        assert upgrade.returncode == 0, describe(upgrade)
+        assert poller.failures == [], poller.failures[:10]
+        assert rounds_during >= 1, "no poll ran while the second media was merged in"
+        for item in release_items[new_version][1:]:
+            assert f"added {item.name}:{item.tag}" in upgrade.stderr, upgrade.stderr
+
+        with Poller(node, release_items[old_version] + release_items[new_version]) as poller:
+            added = install_node(app_media, root, env=inputs.env())
+        assert added.returncode == 0, describe(added)
+        assert poller.failures == [], poller.failures[:10]
+        assert f"added {app.name}:{app.tag}" in added.stderr
+
+        # Removing the old release: the one documented command pair.
+        blobs_before = {p.name: p.stat().st_size for p in (content / "blobs").iterdir()}
+        removed = run([root / INSTALLED_BINARY, "rm", "-d", content, "-f", lists[old_version],
+                       "--keep", lists[new_version]])
+        assert removed.returncode == 0, describe(removed)
+        with Poller(node, release_items[new_version] + [app]) as poller:
+            pruned = run([root / INSTALLED_BINARY, "prune", "--json", "-d", content])
+        assert pruned.returncode == 0, describe(pruned)
+        assert poller.failures == [], poller.failures[:10]
+        kept_blobs = {b.digest for item in release_items[new_version] + [app] for b in item.blobs}
+        old_only = {b.digest for item in release_items[old_version] for b in item.blobs} - kept_blobs
+        blobs_after = {p.name for p in (content / "blobs").iterdir()}
+        assert set(blobs_before) - blobs_after == old_only
+        assert kept_blobs <= blobs_after
+        report = json.loads(pruned.stdout)
+        assert report["blobs"] == {"count": len(old_only), "bytes": sum(blobs_before[d] for d in old_only)}
+        for item in release_items[new_version] + [app]:
+            assert sha256_of_body(node, f"/v2/{item.name}/manifests/{item.tag}")[:2] == (200, item.digest)
+        for item in release_items[old_version][1:]:
+            assert sha256_of_body(node, f"/v2/{item.name}/manifests/{item.tag}")[0] == 404
+    verified = run([root / INSTALLED_BINARY, "verify", "-d", content])
+    assert verified.returncode == 0, describe(verified)

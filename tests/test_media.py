@@ -203,8 +203,10 @@ def test_every_script_passes_shellcheck():
 
 
 def test_scripts_document_usage_in_help():
-    for script, words in ((MAKE_MEDIA, ["-o DIR", "--download", "K3S_RELEASE_URL", "--zstd"]),
-                          (INSTALL_NODE, ["--root DIR", "--no-start", "--dummy-route", "--agent"])):
+    for script, words in ((MAKE_MEDIA, ["-o DIR", "--download", "K3S_RELEASE_URL", "--zstd",
+                                        "--arch ARCHES", "amd64,arm64", "--images-only"]),
+                          (INSTALL_NODE, ["--root DIR", "--no-start", "--dummy-route", "--agent",
+                                          "--replace", "--registry", "INSTALL_NODE_ARCH"])):
         result = run(["bash", script, "--help"])
         assert result.returncode == 0, describe(result)
         for word in words:
@@ -316,7 +318,7 @@ def test_arm64_media(tree, tmp_path):
     assert result.returncode == 0, describe(result)
     assert (media / "k3s").read_bytes()[18:20] == struct.pack("<H", ELF_MACHINES["arm64"])
     assert (media / "minimal-registry").read_bytes() == inputs.registry.read_bytes()
-    assert "linux/arm64" in (media / "README.txt").read_text()
+    assert "for linux/arm64, with" in (media / "README.txt").read_text()
 
 
 @pytest.mark.parametrize("which", ["k3s", "minimal-registry"])
@@ -459,13 +461,13 @@ def release_server(root: Path) -> Iterator[ReleaseServer]:
 def publish_release(root: Path, inputs: Inputs, checksum: Optional[str] = None) -> None:
     """Lay out a K3s release as github.com serves it: releases/download/<version>/<file>."""
     release = root / "releases/download" / K3S_VERSION
-    release.mkdir(parents=True)
+    release.mkdir(parents=True, exist_ok=True)
     asset = "k3s" if inputs.arch == "amd64" else f"k3s-{inputs.arch}"
     shutil.copyfile(inputs.k3s, release / asset)
     digest = checksum or sha256_file(inputs.k3s)
     (release / f"sha256sum-{inputs.arch}.txt").write_text(
         f"{'0' * 64}  k3s-airgap-images-{inputs.arch}.tar.zst\n{digest}  {asset}\n")
-    (root / "releases/tag").mkdir(parents=True)
+    (root / "releases/tag").mkdir(parents=True, exist_ok=True)
     (root / "releases/tag" / K3S_VERSION).write_text("release page\n")
     shutil.copyfile(inputs.install_sh, root / "install.sh")
 
@@ -615,13 +617,13 @@ def test_install_node_refuses_a_tree_that_fails_verify(inputs, tree, tmp_path):
     root = tmp_path / "root"
     result = install_node(media, root, env=inputs.env())
     assert result.returncode == 1, describe(result)
-    assert "fails minimal-registry verify --fast; nothing was installed" in result.stderr
+    assert "does not import cleanly (see above); nothing was installed" in result.stderr
     assert not installed(root)["binary"].exists() and not installed(root)["content"].exists()
     agent = root / "var/lib/rancher/k3s/agent"
     assert [p.name for p in agent.iterdir()] == [], "the unpacked tree was left behind"
 
 
-def test_install_node_replaces_the_content_when_the_media_changes(media, inputs, tree, tmp_path):
+def test_install_node_merges_new_media_into_the_content(media, inputs, tree, tmp_path):
     root = tmp_path / "root"
     assert install_node(media, root, env=inputs.env()).returncode == 0
     TreeBuilder(tree).image("extra/image", "v2", files={"new.txt": b"new\n"})
@@ -630,9 +632,124 @@ def test_install_node_replaces_the_content_when_the_media_changes(media, inputs,
     assert result.returncode == 0, describe(result)
     content = installed(root)["content"]
     assert (content / "extra/image/manifests/v2").exists()
-    assert "installed /var/lib/rancher/k3s/agent/registry" in result.stderr
+    assert "added extra/image:v2" in result.stderr
+    assert "merged registry.tar.gz into /var/lib/rancher/k3s/agent/registry: 1 added, 0 re-pointed" in result.stderr
     assert "installed /usr/local/bin/minimal-registry" not in result.stderr
     assert sorted(p.name for p in content.parent.iterdir()) == [".registry.sha256", "registry"]
+
+
+def node_tags(content: Path) -> Dict[str, str]:
+    tags = {}
+    for tag in content.rglob("manifests/*"):
+        if not tag.name.startswith("sha256:") and tag.is_symlink():
+            tags[f"{tag.parent.parent.relative_to(content)}:{tag.name}"] = os.readlink(tag)
+    return tags
+
+
+@pytest.fixture
+def two_media(inputs, tmp_path):
+    """Media A (pause, app) and media B (pause re-built, dns): B lacks the app, moves pause."""
+    first = TreeBuilder(tmp_path / "a" / "registry")
+    old_pause = first.image("rancher/mirrored-pause", "3.6", files={"pause": b"a\n"})
+    app = first.image("example/app", "1.0", files={"app": b"operator's own\n"})
+    second = TreeBuilder(tmp_path / "b" / "registry")
+    new_pause = second.image("rancher/mirrored-pause", "3.6", files={"pause": b"b\n"})
+    dns = second.image("rancher/mirrored-coredns-coredns", "1.11.3", files={"dns": b"b\n"})
+    media_a, media_b = tmp_path / "media-a", tmp_path / "media-b"
+    for tree, media in ((first.root, media_a), (second.root, media_b)):
+        made = make_media(inputs, tree, media)
+        assert made.returncode == 0, describe(made)
+    return media_a, media_b, old_pause, new_pause, app, dns
+
+
+def test_install_node_merge_keeps_what_the_media_lacks_and_lists_a_moved_tag(two_media, inputs, tmp_path):
+    media_a, media_b, old_pause, new_pause, app, dns = two_media
+    root = tmp_path / "root"
+    assert install_node(media_a, root, env=inputs.env()).returncode == 0
+    result = install_node(media_b, root, env=inputs.env())
+    assert result.returncode == 0, describe(result)
+    assert (f"re-pointed rancher/mirrored-pause:3.6: {old_pause.digest} -> {new_pause.digest}"
+            in result.stderr), result.stderr
+    assert "added rancher/mirrored-coredns-coredns:1.11.3" in result.stderr
+    content = installed(root)["content"]
+    assert node_tags(content) == {"rancher/mirrored-pause:3.6": new_pause.digest, "example/app:1.0": app.digest,
+                                  "rancher/mirrored-coredns-coredns:1.11.3": dns.digest}
+    assert run([inputs.tool, "verify", "-q", "-d", content]).returncode == 0
+
+
+def test_install_node_replace_lists_what_it_deletes_first(two_media, inputs, tmp_path):
+    media_a, media_b, old_pause, new_pause, app, dns = two_media
+    root = tmp_path / "root"
+    assert install_node(media_a, root, env=inputs.env()).returncode == 0
+    result = install_node(media_b, root, "--replace", env=inputs.env())
+    assert result.returncode == 0, describe(result)
+    lines = result.stderr.splitlines()
+    warning = next(i for i, line in enumerate(lines) if "--replace deletes these 1 images" in line)
+    assert lines[warning + 1].strip() == "[WARN]    example/app:1.0"
+    installed_at = next(i for i, line in enumerate(lines) if "installed /var/lib/rancher/k3s/agent/registry" in line)
+    assert warning < installed_at
+    assert node_tags(installed(root)["content"]) == {"rancher/mirrored-pause:3.6": new_pause.digest,
+                                                     "rancher/mirrored-coredns-coredns:1.11.3": dns.digest}
+
+
+def test_install_node_rerun_on_an_intact_node_checks_the_tree_and_changes_nothing(media, inputs, tmp_path):
+    root = tmp_path / "root"
+    assert install_node(media, root, env=inputs.env()).returncode == 0
+    before = file_states(root)
+    result = install_node(media, root, env=inputs.env())
+    assert result.returncode == 0, describe(result)
+    assert "checking the installed content tree" in result.stderr
+    assert "content tree intact" in result.stderr and "nothing to do" in result.stderr
+    assert file_states(root) == before
+
+
+def test_install_node_repairs_a_node_whose_tree_lost_a_blob(media, inputs, tree, tmp_path):
+    root = tmp_path / "root"
+    assert install_node(media, root, env=inputs.env()).returncode == 0
+    content = installed(root)["content"]
+    lost = sorted((content / "blobs").iterdir())[0]
+    lost.unlink()
+    result = install_node(media, root, env=inputs.env())
+    assert result.returncode == 0, describe(result)
+    assert "the installed content tree is damaged" in result.stderr
+    assert f"repaired: /var/lib/rancher/k3s/agent/registry/blobs/{lost.name}" in result.stderr, result.stderr
+    assert "nothing to do" not in result.stderr
+    assert lost.exists()
+    assert run([inputs.tool, "verify", "-q", "-d", content]).returncode == 0
+
+
+def test_install_node_repairs_a_blob_damaged_in_place(media, inputs, tree, tmp_path):
+    """Same size, other bytes (issue 8 item 11): relies on `import` re-hashing existing blobs."""
+    root = tmp_path / "root"
+    assert install_node(media, root, env=inputs.env()).returncode == 0
+    content = installed(root)["content"]
+    damaged = sorted((content / "blobs").iterdir())[0]
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    result = install_node(media, root, env=inputs.env())
+    assert result.returncode == 0, describe(result)
+    assert f"repaired: /var/lib/rancher/k3s/agent/registry/blobs/{damaged.name}" in result.stderr, result.stderr
+    assert run([inputs.tool, "verify", "-q", "-d", content]).returncode == 0
+
+
+def test_install_node_checks_free_space_before_unpacking(media, inputs, tmp_path):
+    root = tmp_path / "root"
+    agent = root / "var/lib/rancher/k3s/agent"
+    agent.mkdir(parents=True)
+    mounted = run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", agent])
+    if mounted.returncode != 0:
+        pytest.fail(f"this test mounts a 64 KiB tmpfs and needs root: {mounted.stderr}", pytrace=False)
+    try:
+        result = install_node(media, root, env=inputs.env())
+        assert result.returncode == 1, describe(result)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("[ERROR]")]
+        assert len(errors) == 1 and "not enough space in /var/lib/rancher/k3s/agent" in errors[0], result.stderr
+        assert "MiB unpacked" in errors[0]
+        assert list(agent.iterdir()) == []
+        assert not installed(root)["binary"].exists()
+    finally:
+        run(["umount", agent])
 
 
 def test_install_node_keeps_an_existing_registries_yaml_unless_forced(media, inputs, tmp_path):
@@ -705,3 +822,151 @@ def test_install_node_unzstd_media(media, inputs, tree, tmp_path):
     result = install_node(media, root, env=inputs.env())
     assert result.returncode == 0, describe(result)
     assert (installed(root)["content"] / "blobs").is_dir()
+
+
+# ----- media for several architectures, and images-only media ---------------------------------
+
+def two_arch_media(tmp_path: Path, tree: Path) -> tuple:
+    amd64, arm64 = make_inputs(tmp_path / "amd64"), make_inputs(tmp_path / "arm64", arch="arm64")
+    media = tmp_path / "media-both"
+    args = ["--arch", "amd64,arm64", "-k", amd64.k3s, "-k", arm64.k3s, "-m", arm64.registry,
+            "-m", amd64.registry, "-i", amd64.install_sh, "-v", K3S_VERSION]
+    if amd64.registry.read_bytes()[:2] == b"#!":
+        args.append("--allow-script")
+    result = run([MAKE_MEDIA, "-o", media, "-r", tree, *args], env=amd64.env())
+    assert result.returncode == 0, describe(result)
+    return media, amd64, arm64
+
+
+def test_media_for_two_architectures_holds_both_under_release_names(tree, tmp_path):
+    media, amd64, arm64 = two_arch_media(tmp_path, tree)
+    assert sorted(p.name for p in media.iterdir()) == sorted([
+        "README.txt", "SHA256SUMS", "install-node.sh", "install.sh", "k3s", "k3s-arm64",
+        "minimal-registry-linux-amd64", "minimal-registry-linux-arm64", "minimal-registry.service",
+        "registries.yaml", "registry.tar.gz"])
+    assert (media / "k3s").read_bytes() == amd64.k3s.read_bytes()
+    assert (media / "k3s-arm64").read_bytes() == arm64.k3s.read_bytes()
+    assert (media / "minimal-registry-linux-arm64").read_bytes() == arm64.registry.read_bytes()
+    assert (media / "minimal-registry-linux-amd64").read_bytes() == amd64.registry.read_bytes()
+    checked = run(["sha256sum", "-c", "SHA256SUMS"], cwd=media)
+    assert checked.returncode == 0, describe(checked)
+    assert len(checked.stdout.splitlines()) == 10
+    assert "for linux/amd64, linux/arm64, with" in (media / "README.txt").read_text()
+
+
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_install_node_picks_its_architecture_from_media_for_both(tree, tmp_path, arch):
+    media, amd64, arm64 = two_arch_media(tmp_path, tree)
+    chosen = {"amd64": amd64, "arm64": arm64}[arch]
+    root = tmp_path / "root"
+    env = amd64.env({"INSTALL_NODE_ARCH": {"amd64": "x86_64", "arm64": "aarch64"}[arch]})
+    result = install_node(media, root, env=env)
+    assert result.returncode == 0, describe(result)
+    paths = installed(root)
+    assert paths["k3s"].read_bytes() == chosen.k3s.read_bytes()
+    assert paths["binary"].read_bytes() == chosen.registry.read_bytes()
+    assert (paths["content"] / "blobs").is_dir()
+
+
+def test_install_node_refuses_an_architecture_the_media_lacks(tree, tmp_path):
+    media, amd64, _ = two_arch_media(tmp_path, tree)
+    root = tmp_path / "root"
+    result = install_node(media, root, env=amd64.env({"INSTALL_NODE_ARCH": "riscv64"}))
+    assert result.returncode == 1, describe(result)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("[ERROR]")]
+    assert len(errors) == 1 and "this node is riscv64 and the media holds only amd64 arm64" in errors[0]
+    assert list(root.rglob("*")) == []
+
+
+def test_single_architecture_media_written_over_two_architecture_media_leaves_no_stale_file(tree, tmp_path):
+    media, amd64, _ = two_arch_media(tmp_path, tree)
+    result = make_media(amd64, tree, media)
+    assert result.returncode == 0, describe(result)
+    assert sorted(p.name for p in media.iterdir()) == sorted(MEDIA_FILES)
+
+
+def images_only_media(tmp_path: Path, tree: Path, registry: Path, inputs: Inputs) -> Path:
+    media = tmp_path / "images-only"
+    args = ["--images-only", "--arch", "amd64", "-m", registry]
+    if registry.read_bytes()[:2] == b"#!":
+        args.append("--allow-script")
+    result = run([MAKE_MEDIA, "-o", media, "-r", tree, *args], env=inputs.env())
+    assert result.returncode == 0, describe(result)
+    return media
+
+
+def test_images_only_media_holds_no_k3s(inputs, tree, tmp_path):
+    media = images_only_media(tmp_path, tree, inputs.registry, inputs)
+    assert sorted(p.name for p in media.iterdir()) == [
+        "README.txt", "SHA256SUMS", "install-node.sh", "minimal-registry", "registry.tar.gz"]
+    assert run(["sha256sum", "-c", "SHA256SUMS"], cwd=media).returncode == 0
+    assert "Nothing of K3s is on it" in (media / "README.txt").read_text()
+
+
+def test_images_only_media_merges_images_and_touches_nothing_of_k3s(media, inputs, tmp_path):
+    root = tmp_path / "root"
+    assert install_node(media, root, env=inputs.env()).returncode == 0
+    inputs.record.unlink()
+    app_tree = TreeBuilder(tmp_path / "app" / "registry")
+    app = app_tree.image("example/app", "2.0", files={"app": b"application\n"})
+    newer = tmp_path / "minimal-registry-newer"
+    newer.write_bytes(inputs.registry.read_bytes() + b"# a newer build\n")
+    newer.chmod(0o755)
+    images = images_only_media(tmp_path, app_tree.root, newer, inputs)
+    paths = installed(root)
+    untouched = {name: paths[name].read_bytes() for name in ("unit", "registries", "k3s", "binary")}
+
+    result = install_node(images, root, env=inputs.env())
+    assert result.returncode == 0, describe(result)
+    assert "added example/app:2.0" in result.stderr
+    assert "K3s, install.sh, registries.yaml and the units not touched" in result.stderr
+    assert "minimal-registry not touched (--registry installs it)" in result.stderr
+    assert not inputs.record.exists(), "install.sh ran from images-only media"
+    assert {name: paths[name].read_bytes() for name in untouched} == untouched
+    assert os.readlink(paths["content"] / "example/app/manifests/2.0") == app.digest
+    assert (paths["content"] / "rancher/mirrored-pause/manifests/3.6").exists(), "the system images stay"
+
+    upgraded = install_node(images, root, "--registry", env=inputs.env())
+    assert upgraded.returncode == 0, describe(upgraded)
+    assert paths["binary"].read_bytes() == newer.read_bytes()
+    assert "installed /usr/local/bin/minimal-registry" in upgraded.stderr
+    assert not inputs.record.exists()
+
+
+def test_download_for_two_architectures_fetches_both_k3s(tree, tmp_path):
+    amd64, arm64 = make_inputs(tmp_path / "amd64"), make_inputs(tmp_path / "arm64", arch="arm64")
+    site, cache, media = tmp_path / "site", tmp_path / "k3s-cache", tmp_path / "media"
+    publish_release(site, amd64)
+    publish_release(site, arm64)
+    args = ["--arch", "amd64,arm64", "-m", amd64.registry, "-m", arm64.registry, "--download",
+            "--cache", cache, "-v", K3S_VERSION]
+    if amd64.registry.read_bytes()[:2] == b"#!":
+        args.append("--allow-script")
+    with release_server(site) as server:
+        result = run([MAKE_MEDIA, "-o", media, "-r", tree, *args], env=amd64.env(server.env()))
+        assert result.returncode == 0, describe(result)
+    for arch in ("amd64", "arm64"):
+        assert f"k3s {K3S_VERSION} {arch} matches sha256sum-{arch}.txt" in result.stderr
+    assert (media / "k3s").read_bytes() == amd64.k3s.read_bytes()
+    assert (media / "k3s-arm64").read_bytes() == arm64.k3s.read_bytes()
+    assert run(["sha256sum", "-c", "SHA256SUMS"], cwd=media).returncode == 0
+
+
+def test_images_only_media_for_two_architectures_installs_on_each(tree, tmp_path):
+    amd64, arm64 = make_inputs(tmp_path / "amd64"), make_inputs(tmp_path / "arm64", arch="arm64")
+    media = tmp_path / "images-both"
+    args = ["--images-only", "--arch", "amd64,arm64", "-m", amd64.registry, "-m", arm64.registry]
+    if amd64.registry.read_bytes()[:2] == b"#!":
+        args.append("--allow-script")
+    result = run([MAKE_MEDIA, "-o", media, "-r", tree, *args], env=amd64.env())
+    assert result.returncode == 0, describe(result)
+    assert sorted(p.name for p in media.iterdir()) == [
+        "README.txt", "SHA256SUMS", "install-node.sh", "minimal-registry-linux-amd64",
+        "minimal-registry-linux-arm64", "registry.tar.gz"]
+    for arch, machine in (("amd64", "x86_64"), ("arm64", "aarch64")):
+        root = tmp_path / f"root-{arch}"
+        installed_here = install_node(media, root, "--registry", env=amd64.env({"INSTALL_NODE_ARCH": machine}))
+        assert installed_here.returncode == 0, describe(installed_here)
+        chosen = {"amd64": amd64, "arm64": arm64}[arch]
+        assert installed(root)["binary"].read_bytes() == chosen.registry.read_bytes()
+        assert not installed(root)["k3s"].exists() and not installed(root)["unit"].exists()

@@ -1,4 +1,4 @@
-"""The offline content tools: `import`, `verify` and `ls`.
+"""The offline content tools: `import`, `verify`, `ls`, `rm` and `prune`.
 
 They read and write the content tree only through `minimal_registry.layout` (where things
 live) and `minimal_registry.manifest` (what a manifest says), the same code the server uses.
@@ -7,6 +7,7 @@ live) and `minimal_registry.manifest` (what a manifest says), the same code the 
     sources.py       what a SOURCE is (OCI layout, docker-save, skopeo dir:, raw manifest,
                      or a tar of one) and which reader takes it
     ocilayout.py     read an OCI image layout (index.json, blobs/sha256/<hex>)
+    treesource.py    read a content tree in our layout (a directory, or registry.tar.gz)
     dockerarchive.py turn a docker-save manifest.json into schema2 manifests
     archive.py       unpack a tar safely into a staging directory, hashing as it goes
     decompress.py    plain, gzip, bzip2, xz and zstd streams
@@ -19,6 +20,10 @@ live) and `minimal_registry.manifest` (what a manifest says), the same code the 
     atomic.py        temp name, fsync, rename
     verify.py        `verify`
     listing.py       `ls`
+    remove.py        `rm`: tags and manifests by reference, k3s-images.txt lists
+    prune.py         `prune`: mark from the tags, sweep what nothing reaches
+    lock.py          one writer at a time (import, rm, prune): flock on the tree
+    containment.py   the containment rule rm, prune and tree sources use; regular files only
     treewalk.py      a tree's repositories and blobs, for verify and ls
     hashing.py       sha256 of many files at disk speed, on every core
     progress.py      a bar on a terminal, plain lines elsewhere

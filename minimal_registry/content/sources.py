@@ -3,10 +3,11 @@
     OCI image layout directory    oci-layout, index.json, blobs/sha256/<hex>   (crane, skopeo oci:)
     skopeo `dir:` directory       version, manifest.json, <hex>, <hex>.manifest.json
     docker-save directory         manifest.json (a list), config JSON, layer tars
+    content tree (our layout)     blobs/sha256:<hex>, <name>/manifests/...     (treesource.py)
     raw manifest file             one manifest or index as JSON (`crane manifest`,
                                   `skopeo inspect --raw`): a root whose content other
                                   sources (or the tree) hold
-    tar archive of any of the first three, plain or gzip/zstd/bzip2/xz compressed
+    tar archive of any of the first four, plain or gzip/zstd/bzip2/xz compressed
                                   (`skopeo copy ... oci-archive:`/`docker-archive:`,
                                   `docker save`, K3s `k3s-airgap-images-<arch>.tar.zst`)
 
@@ -31,6 +32,7 @@ from minimal_registry.content.archive import Entry
 from minimal_registry.content.files import SourceFiles
 from minimal_registry.content.pool import Pool, Root
 from minimal_registry.fatal import Fatal
+from minimal_registry.content import treesource
 
 STAGING_PREFIX = ".import-"
 SKOPEO_DIR_VERSION = "version"
@@ -55,6 +57,9 @@ def read_sources(paths: List[Path], tree: Path, pool: Pool, quiet: bool = False)
 def read_one(path: Path, tree: Path, pool: Pool, staging_dirs: List[Path], quiet: bool) -> None:
     label = str(path)
     if path.is_dir():
+        if treesource.is_tree_directory(path):
+            treesource.read_directory(path, pool)
+            return
         read_files(SourceFiles(label, directory=path), pool)
         return
     if not path.is_file():
@@ -73,6 +78,10 @@ def read_one(path: Path, tree: Path, pool: Pool, staging_dirs: List[Path], quiet
     staging.mkdir(parents=True)
     staging_dirs.append(staging)
     staged = archive.stage(path, staging, quiet=quiet, already_have=_in_tree(tree))
+    tree_prefix = treesource.staged_tree_prefix(staged)
+    if tree_prefix is not None:
+        treesource.read_staged(staged, tree_prefix, label, pool)
+        return
     read_files(SourceFiles(label, staged=staged), pool)
 
 
