@@ -7,7 +7,6 @@ a file body goes out with zero-copy sendfile, elsewhere it is read in large chun
 
 import http
 import logging
-import os
 import re
 from typing import Callable, Iterable, Tuple
 from urllib.parse import parse_qs
@@ -72,7 +71,7 @@ class RegistryApp:
             try:
                 # Only a regular file inside the tree, opened non-blocking (treesafety); gone
                 # since the lookup: 404; cannot be opened just now (EMFILE, EIO): 503.
-                file = os.fdopen(self.tree.open_blob(body.path).detach(), "rb")
+                file = self.tree.open_blob(body.path, body.offset + body.length)
             except RegistryError as error:
                 response = error_response(error, request.head)
         start_response(_status_line(response.status), response.headers + [API_VERSION_HEADER])

@@ -6,12 +6,13 @@ falls through to the next host (in an air gap, a DNS error); a 503 with `Retry-A
 retried. Nothing about such a failure is ever cached: the next request tries again.
 
 A fault is logged when it first appears, and again only after it has cleared (so a storm of
-EMFILE under load is one line, not thousands); `cleared` logs that it has gone.
+EMFILE under load is one line, not thousands); `cleared` logs, once, that it has gone.
 """
 
 import errno
 import logging
 import threading
+import time
 from typing import Dict, Tuple
 
 from minimal_registry import errors
@@ -29,9 +30,14 @@ def is_missing(error: OSError) -> bool:
     return error.errno in MISSING_ERRNOS
 
 
+# A fault counts as over once reads have worked for this long after its last failure: under
+# fd pressure, failures and successes alternate, and that is one episode, one log line.
+QUIET_SECONDS = 5.0
+
+
 class ReadFaults:
     def __init__(self):
-        self._active: Dict[Tuple, int] = {}  # cause -> failures since it was logged
+        self._active: Dict[Tuple, list] = {}  # cause -> [failures, monotonic time of the last]
         self._lock = threading.Lock()  # the catalog refreshes in a thread
 
     def unavailable(self, error: OSError, path: str, what: str = "read") -> RegistryError:
@@ -39,28 +45,26 @@ class ReadFaults:
         cause = (error.errno,) if error.errno in PROCESS_ERRNOS else (error.errno, path)
         reason = error.strerror or str(error)
         with self._lock:
-            first = cause not in self._active
-            self._active[cause] = self._active.get(cause, 0) + 1
+            record = self._active.get(cause)
+            first = record is None
+            if first:
+                record = self._active[cause] = [0, 0.0]
+            record[0] += 1
+            record[1] = time.monotonic()
         if first:
             log.error("cannot %s %s: %s; answering 503 (retry) until this clears", what, path, reason)
         return errors.unavailable(f"cannot {what} the content: {reason}")
 
-    def cleared(self) -> None:
-        """A read succeeded: the process-wide faults are over (per-file ones stay until seen)."""
+    def cleared(self, path: str) -> None:
+        """A read of `path` worked: faults quiet for QUIET_SECONDS (and this path's) are over."""
         if not self._active:
             return
+        now = time.monotonic()
         with self._lock:
-            over = [cause for cause in self._active if len(cause) == 1]
-            counts = {cause: self._active.pop(cause) for cause in over}
-        for (code,), count in counts.items():
-            log.info("reads work again after %d failures (%s)", count, errno.errorcode.get(code, code))
-
-    def cleared_path(self, path: str) -> None:
-        if not self._active:
-            return
-        with self._lock:
-            over = [cause for cause in self._active if len(cause) == 2 and cause[1] == path]
-            for cause in over:
-                self._active.pop(cause)
-        if over:
-            log.info("%s can be read again", path)
+            over = [cause for cause, (_count, last) in self._active.items()
+                    if (len(cause) == 2 and cause[1] == path) or now - last >= QUIET_SECONDS]
+            counts = {cause: self._active.pop(cause)[0] for cause in over}
+        for cause, count in counts.items():
+            what = cause[1] if len(cause) == 2 else "the content"
+            log.info("%s can be read again, after %d failures (%s)", what, count,
+                     errno.errorcode.get(cause[0], cause[0]))

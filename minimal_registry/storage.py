@@ -21,6 +21,7 @@ never read or hashed here.
 """
 
 import errno
+import io
 import logging
 import os
 import stat
@@ -157,6 +158,8 @@ class ContentTree:
         if not found:
             self._check_tree()
             raise errors.name_unknown(name)
+        if self._tree_missing:
+            self._check_tree()
         return found
 
     def tags(self, name: str, namespace: Optional[str] = None) -> List[str]:
@@ -206,8 +209,7 @@ class ContentTree:
                     raise errors.manifest_unknown(ref, f"stored file is not a manifest: {error}") from None
                 except OSError as error:
                     raise self.faults.unavailable(error, path) from None
-            self.faults.cleared()
-            self.faults.cleared_path(path)
+            self.faults.cleared(path)
             if expected and stored.digest != expected:
                 self._report(opened.real_path + stored.digest,
                              f"refusing {opened.real_path}: stored as {expected} but its sha256 is {stored.digest}",
@@ -308,8 +310,9 @@ class ContentTree:
                 return BlobFile(real, st.st_size, digest)
         raise errors.blob_unknown(digest)
 
-    def open_blob(self, blob_path: str) -> OpenFile:
-        """Open a blob found by `blob` for sending; RegistryError (404 or 503) if it cannot be."""
+    def open_blob(self, blob_path: str, end: int) -> "BlobReader":
+        """Open a blob found by `blob` for sending bytes up to `end`; RegistryError (404 or
+        503) if it cannot be. The file says so in the log if it was cut short meanwhile."""
         try:
             opened = self.bounds.open_regular(blob_path)
         except Refused as refusal:
@@ -320,9 +323,8 @@ class ContentTree:
                 # Removed between the lookup and now: as if it had never been there.
                 raise errors.blob_unknown(os.path.basename(blob_path)) from None
             raise self.faults.unavailable(error, blob_path, "open") from None
-        self.faults.cleared()
-        self.faults.cleared_path(blob_path)
-        return opened
+        self.faults.cleared(blob_path)
+        return BlobReader(opened.detach(), blob_path, end)
 
     # --- safety ---------------------------------------------------------------------------
 
@@ -399,6 +401,30 @@ class ContentTree:
                 self._reported.clear()
             self._reported.add(key)
             log.log(level, "%s", line)
+
+
+class BlobReader(io.FileIO):
+    """An open blob as the server sends it (a real file: sendfile takes its fileno()).
+
+    Closing it checks the file still reaches the end of what was promised: a blob truncated
+    on disk while it was sent has cut the response short (the connection layer closes the
+    connection), and an operator must learn which file it was.
+    """
+
+    def __init__(self, fd: int, path: str, end: int):
+        super().__init__(fd, "rb", closefd=True)
+        self.path, self.end = path, end
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                size = os.fstat(self.fileno()).st_size
+            except OSError:
+                size = self.end
+            if size < self.end:
+                log.error("blob %s shrank to %d bytes while being sent (%d promised): the answer was cut "
+                          "short; the file is damaged (run minimal-registry verify)", self.path, size, self.end)
+        super().close()
 
 
 def _kind(st: os.stat_result) -> str:
