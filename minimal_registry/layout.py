@@ -50,13 +50,18 @@ def repository_relpaths(name: str, namespace: Optional[str]) -> List[str]:
     return [name]
 
 
+def is_tag_entry(entry: str) -> bool:
+    """A name in `manifests/` that is a tag: not a digest, and in the tag grammar."""
+    return not entry.startswith(DIGEST_PREFIX) and reference.is_tag(entry)
+
+
 def tags(manifests: Path) -> List[str]:
     """Tag names in one `manifests/` directory: every entry that is not a digest."""
     try:
         entries = os.listdir(manifests)
     except OSError:
         return []
-    return sorted(e for e in entries if not e.startswith(DIGEST_PREFIX) and reference.is_tag(e))
+    return sorted(e for e in entries if is_tag_entry(e))
 
 
 def manifest_digests(manifests: Path) -> List[str]:

@@ -147,14 +147,9 @@ class ContentTree:
             raise errors.name_invalid(name)
         found = []
         for relative in layout.repository_relpaths(name, namespace):
-            manifests = f"{self.real_root}/{relative}/{layout.MANIFESTS}"
-            try:
-                found.append((relative, self.bounds.directory(manifests)))
-            except Refused as refusal:
-                self._report(manifests, f"refusing {manifests}: it {refusal}")
-            except OSError as error:
-                if not is_missing(error):
-                    raise self.faults.unavailable(error, manifests, "list") from None
+            located = self._find(f"{relative}/{layout.MANIFESTS}", directory=True)
+            if located is not None:
+                found.append((relative, located[0]))
         if not found:
             self._check_tree()
             raise errors.name_unknown(name)
@@ -163,8 +158,16 @@ class ContentTree:
         return found
 
     def tags(self, name: str, namespace: Optional[str] = None) -> List[str]:
-        return sorted({tag for _relative, manifests in self._repositories(name, namespace)
-                       for tag in layout.tags(Path(manifests))})
+        tags = set()
+        for _relative, manifests in self._repositories(name, namespace):
+            try:
+                entries = os.listdir(manifests)
+            except OSError as error:
+                if is_missing(error):
+                    continue
+                raise self.faults.unavailable(error, manifests, "list") from None
+            tags.update(entry for entry in entries if layout.is_tag_entry(entry))
+        return sorted(tags)
 
     def repository_names(self) -> List[str]:
         return self.catalog.names()
@@ -328,8 +331,10 @@ class ContentTree:
 
     # --- safety ---------------------------------------------------------------------------
 
-    def _find(self, relative: str) -> Optional[Tuple[str, os.stat_result]]:
-        """(real path, stat) of the regular file at ROOT/`relative`, if it lies inside the tree.
+    def _find(self, relative: str, directory: bool = False) -> Optional[Tuple[str, os.stat_result]]:
+        """(real path, stat) of the regular file (or `directory`) at ROOT/`relative`, if it
+        lies inside the tree; None if it is not there or refused (and logged); 503 if it
+        cannot be looked at.
 
         Walks from the tree's real path one component at a time, so the common case costs
         one lstat per component below ROOT (realpath would lstat every component from /).
@@ -348,7 +353,7 @@ class ContentTree:
                         break
                     target = os.readlink(candidate)
                     if "/" in target or target in (".", ".."):
-                        return self._resolve_in_full("/".join([candidate] + parts[index + 1:]))
+                        return self._resolve_in_full("/".join([candidate] + parts[index + 1:]), directory)
                     candidate = f"{current}/{target}"
                     st = os.lstat(candidate)
                 else:
@@ -360,12 +365,11 @@ class ContentTree:
             raise self.faults.unavailable(error, f"{self.real_root}/{relative}", "look up") from None
         except ValueError:
             return None
-        if not stat.S_ISREG(st.st_mode):
-            self._report(current, f"refusing {current}: it is {_kind(st)}, not a regular file")
+        if not _is_wanted(st, directory, current, self._report):
             return None
         return current, st
 
-    def _resolve_in_full(self, path: str) -> Optional[Tuple[str, os.stat_result]]:
+    def _resolve_in_full(self, path: str, directory: bool = False) -> Optional[Tuple[str, os.stat_result]]:
         try:
             real = self.bounds.resolve(path)
             st = os.stat(real)
@@ -376,8 +380,7 @@ class ContentTree:
             if is_missing(error) or error.errno == errno.ELOOP:
                 return None
             raise self.faults.unavailable(error, path, "look up") from None
-        if not stat.S_ISREG(st.st_mode):
-            self._report(real, f"refusing {real}: it is {_kind(st)}, not a regular file")
+        if not _is_wanted(st, directory, real, self._report):
             return None
         return real, st
 
@@ -427,5 +430,10 @@ class BlobReader(io.FileIO):
         super().close()
 
 
-def _kind(st: os.stat_result) -> str:
-    return kind_of(st.st_mode)
+def _is_wanted(st: os.stat_result, directory: bool, path: str, report) -> bool:
+    if directory:
+        return stat.S_ISDIR(st.st_mode)  # a file named like a repository is simply not one
+    if stat.S_ISREG(st.st_mode):
+        return True
+    report(path, f"refusing {path}: it is {kind_of(st.st_mode)}, not a regular file")
+    return False
