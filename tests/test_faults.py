@@ -279,3 +279,22 @@ def test_a_directory_where_a_file_should_be_is_refused_clearly_and_served_once_f
         assert status == 200 and body == layer.data
         status, headers, body = request(registry, "GET", tag_url)
         assert status == 200 and body == tree.plain_tag.data
+
+
+def test_the_catalog_of_a_large_tree_follows_changes_by_itself(tmp_path):
+    """A tree too large to check inside a request: the background refresh runs beside the
+    event loop, and a new repository is listed within a few polls."""
+    builder = imagetree.TreeBuilder(tmp_path / "registry")
+    builder.image("app", "v1")
+    for index in range(1500):
+        (builder.root / f"many/r{index:04d}/manifests").mkdir(parents=True)
+    with running_registry(builder.root, "-q") as registry:
+        status, _headers, body = request(registry, "GET", "/v2/_catalog")
+        assert status == 200 and len(json.loads(body)["repositories"]) == 1501
+        (builder.root / "later/manifests").mkdir(parents=True)
+
+        def listed():
+            assert request(registry, "GET", "/v2/")[0] == 200
+            return "later" in json.loads(request(registry, "GET", "/v2/_catalog")[2])["repositories"]
+
+        assert wait_for(listed)

@@ -7,6 +7,7 @@ In-process (the WSGI app called as a function), so each race can be staged exact
 import errno
 import json
 import os
+import threading
 
 import pytest
 
@@ -273,3 +274,31 @@ def test_the_catalog_walk_is_bounded(builder, monkeypatch, caplog):
     names = call(RegistryApp(ContentTree(builder.root)), "GET", "/v2/_catalog").json()["repositories"]
     assert 0 < len(names) < 100
     assert "stopped walking" in caplog.text
+
+
+def test_a_large_tree_is_walked_off_the_request_path(builder, monkeypatch):
+    """Past CHECK_IN_REQUEST directories a _catalog call never walks or stats the tree itself:
+    it answers from the last walk while a background thread checks it."""
+    from minimal_registry import catalog, layout
+
+    for index in range(40):
+        (builder.root / f"repo{index:02d}" / "manifests").mkdir(parents=True)
+    tree = ContentTree(builder.root)
+    app = RegistryApp(tree)
+    assert len(call(app, "GET", "/v2/_catalog").json()["repositories"]) == 40  # the first walk
+
+    monkeypatch.setattr(catalog, "CHECK_IN_REQUEST", 10)
+    monkeypatch.setattr(catalog, "REFRESH_SECONDS", 0.0)
+    walkers, real_walk = [], layout.repositories
+
+    def recording_walk(*args, **kwargs):
+        walkers.append(threading.current_thread().name)
+        return real_walk(*args, **kwargs)
+
+    monkeypatch.setattr(layout, "repositories", recording_walk)
+    (builder.root / "new" / "manifests").mkdir(parents=True)
+    before = call(app, "GET", "/v2/_catalog").json()["repositories"]
+    assert "new" not in before  # answered from the last walk, at once
+    assert tree.catalog.wait_until_fresh(timeout=10)
+    assert "new" in call(app, "GET", "/v2/_catalog").json()["repositories"]
+    assert walkers and threading.main_thread().name not in walkers
