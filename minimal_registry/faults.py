@@ -22,12 +22,19 @@ log = logging.getLogger("minimal_registry")
 
 # "Not there": the path does not exist (any more). Every other errno is a fault.
 MISSING_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR})
+# "Broken here": the tree holds something unusable at this path (a loop of links, a name too
+# long to resolve). A verdict on the tree, not a passing fault: refused like a FIFO would be.
+BROKEN_ERRNOS = frozenset({errno.ELOOP, errno.ENAMETOOLONG, errno.EISDIR, errno.ENXIO, errno.ENODEV})
 # Faults of the process or the machine, not of one file: one cause whatever the path.
 PROCESS_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
 def is_missing(error: OSError) -> bool:
     return error.errno in MISSING_ERRNOS
+
+
+def is_broken(error: OSError) -> bool:
+    return error.errno in BROKEN_ERRNOS
 
 
 # A fault counts as over once reads have worked for this long after its last failure: under

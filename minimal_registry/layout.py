@@ -82,7 +82,7 @@ class WalkTruncated(Exception):
 
 
 def repositories(root: Path, directories: Optional[Dict[str, int]] = None,
-                 limit: int = MAX_WALKED_DIRECTORIES) -> Iterator[str]:
+                 limit: Optional[int] = MAX_WALKED_DIRECTORIES) -> Iterator[str]:
     """Every repository name under ROOT (namespaced ones as `<host>/<name>`), unsorted.
 
     A repository is a directory holding `manifests/` whose real path lies inside the tree
@@ -90,7 +90,7 @@ def repositories(root: Path, directories: Optional[Dict[str, int]] = None,
     not descended into (`<name>/blobs -> ../blobs` would loop, and a link may lead out).
     `directories`, if given, is filled with every directory read and its mtime (in ns), so a
     caller can tell later, by stat alone, whether the result could have changed. More than
-    `limit` directories: WalkTruncated, after yielding what was found.
+    `limit` directories (None: no limit): WalkTruncated, after yielding what was found.
     """
     bounds = treesafety.TreeBounds(root)
     pending = [("", bounds.real_root)]
@@ -98,7 +98,7 @@ def repositories(root: Path, directories: Optional[Dict[str, int]] = None,
     while pending:
         name, directory = pending.pop()
         walked += 1
-        if walked > limit:
+        if limit is not None and walked > limit:
             raise WalkTruncated(f"more than {limit} directories")
         try:
             with os.scandir(directory) as scan:

@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 from minimal_registry import errors, layout, manifest, reference
 from minimal_registry.catalog import Catalog
-from minimal_registry.faults import ReadFaults, is_missing
+from minimal_registry.faults import ReadFaults, is_broken, is_missing
 from minimal_registry.manifest import Manifest, NotAManifest
 from minimal_registry.treesafety import OpenFile, Refused, TreeBounds, kind_of
 
@@ -176,7 +176,9 @@ class ContentTree:
 
     def manifest(self, name: str, ref: str, namespace: Optional[str] = None) -> Manifest:
         """The manifest `ref` (a tag or a digest) names, verified against its digest."""
-        key = (namespace, name, ref)
+        # An `?ns=` that names no host changes nothing (layout.repository_relpaths): one key for
+        # all of them, so a client cannot fill the cache with made-up values.
+        key = (namespace if namespace and reference.is_host(namespace) else None, name, ref)
         known = self._lookups.get(key)
         if known is not None and self._still_holds(known):
             return known.manifest
@@ -201,7 +203,9 @@ class ContentTree:
                 earlier.append(path)
                 continue
             except OSError as error:
-                if is_missing(error):
+                if is_broken(error):
+                    self._report(path, f"refusing {path}: {error.strerror}")
+                if is_missing(error) or is_broken(error):
                     earlier.append(path)
                     continue
                 raise self.faults.unavailable(error, path) from None
@@ -288,7 +292,7 @@ class ContentTree:
         except (NotAManifest, Refused):
             return None
         except OSError as error:
-            if is_missing(error):
+            if is_missing(error) or is_broken(error):
                 return None
             raise self.faults.unavailable(error, path) from None
 
@@ -322,8 +326,8 @@ class ContentTree:
             self._report(blob_path, f"refusing {blob_path}: it {refusal}")
             raise errors.blob_unknown(os.path.basename(blob_path)) from None
         except OSError as error:
-            if is_missing(error):
-                # Removed between the lookup and now: as if it had never been there.
+            if is_missing(error) or is_broken(error):
+                # Removed (or broken) between the lookup and now: as if it had never been there.
                 raise errors.blob_unknown(os.path.basename(blob_path)) from None
             raise self.faults.unavailable(error, blob_path, "open") from None
         self.faults.cleared(blob_path)
@@ -360,7 +364,7 @@ class ContentTree:
                     return None
                 current = candidate
         except OSError as error:
-            if is_missing(error) or error.errno == errno.ELOOP:  # a loop of links
+            if is_missing(error) or is_broken(error):
                 return None
             raise self.faults.unavailable(error, f"{self.real_root}/{relative}", "look up") from None
         except ValueError:
@@ -377,7 +381,7 @@ class ContentTree:
             self._report(path, f"refusing {path}: it {refusal}")
             return None
         except OSError as error:
-            if is_missing(error) or error.errno == errno.ELOOP:
+            if is_missing(error) or is_broken(error):
                 return None
             raise self.faults.unavailable(error, path, "look up") from None
         if not _is_wanted(st, directory, real, self._report):

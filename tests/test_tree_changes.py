@@ -302,3 +302,19 @@ def test_a_large_tree_is_walked_off_the_request_path(builder, monkeypatch):
     assert tree.catalog.wait_until_fresh(timeout=10)
     assert "new" in call(app, "GET", "/v2/_catalog").json()["repositories"]
     assert walkers and threading.main_thread().name not in walkers
+
+
+def test_a_loop_of_links_is_not_a_manifest_and_not_a_passing_failure(builder, caplog):
+    builder.image("app", "v1")
+    manifests = builder.root / "app/manifests"
+    os.symlink("../manifests/loop", manifests / "loop")  # a link that leads to itself
+    os.symlink("self", manifests / "self")
+    layer_loop = "sha256:" + "9" * 64
+    os.symlink(f"../blobs/{layer_loop}", builder.root / "blobs" / layer_loop)
+    app = RegistryApp(ContentTree(builder.root))
+    for _ in range(2):
+        for url, code in (("/v2/app/manifests/loop", "MANIFEST_UNKNOWN"), ("/v2/app/manifests/self", "MANIFEST_UNKNOWN"),
+                          (f"/v2/app/blobs/{layer_loop}", "BLOB_UNKNOWN")):
+            answer = call(app, "GET", url)
+            assert answer.status == 404 and answer.json()["errors"][0]["code"] == code, (url, answer)
+    assert "503" not in caplog.text

@@ -21,7 +21,8 @@ class Repository:
 
 def repositories(tree: Path) -> List[Repository]:
     found = []
-    for full_name in sorted(layout.repositories(tree)):
+    # The offline tools read the whole tree, however large (the server's walk is bounded).
+    for full_name in sorted(layout.repositories(tree, limit=None)):
         if full_name.split("/", 1)[0].startswith("."):
             continue  # an import's staging directory, never a repository
         namespace, name = reference.split_domain(full_name)

@@ -166,7 +166,12 @@ def _check_repository(tree: Path, bounds: TreeBounds, repository: treewalk.Repos
             report.problem(path, f"content hashes to {parsed.digest}: the manifest is damaged")
             continue
         stored[digest] = parsed
-    for entry in sorted(os.listdir(repository.manifests)):
+    try:
+        entries = sorted(os.listdir(repository.manifests))
+    except OSError as error:
+        report.problem(repository.manifests, f"cannot list: {error.strerror}")
+        entries = []
+    for entry in entries:
         if atomic.is_temp_name(entry):
             report.note(repository.manifests / entry, "left by an interrupted import; safe to delete")
         elif not reference.is_digest(entry) and not reference.is_tag(entry):
