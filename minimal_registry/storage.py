@@ -309,13 +309,26 @@ class ContentTree:
             if reference.looks_like_digest(digest) and not digest.startswith("sha256:"):
                 raise errors.blob_unknown(digest)
             raise errors.digest_invalid(digest)
-        repositories = self._repositories(name, namespace)
-        for relative in [f"{layout.BLOBS}/{digest}"] + [f"{r}/{layout.BLOBS}/{digest}" for r, _m in repositories]:
-            found = self._find(relative)
-            if found is not None:
-                real, st = found
-                return BlobFile(real, st.st_size, digest)
-        raise errors.blob_unknown(digest)
+        if not reference.is_name(name):
+            raise errors.name_invalid(name)
+        # The repository must exist (else NAME_UNKNOWN), but the bytes come from ROOT/blobs,
+        # checked by `_find`: a plain isdir is enough here, and the first one found ends it.
+        candidates = layout.repository_relpaths(name, namespace)
+        if not any(os.path.isdir(f"{self.real_root}/{r}/{layout.MANIFESTS}") for r in candidates):
+            self._check_tree()
+            raise errors.name_unknown(name)
+        if self._tree_missing:
+            self._check_tree()
+        found = self._find(f"{layout.BLOBS}/{digest}")
+        if found is None:
+            for relative in candidates:
+                found = self._find(f"{relative}/{layout.BLOBS}/{digest}")
+                if found is not None:
+                    break
+        if found is None:
+            raise errors.blob_unknown(digest)
+        real, st = found
+        return BlobFile(real, st.st_size, digest)
 
     def open_blob(self, blob_path: str, end: int) -> "BlobReader":
         """Open a blob found by `blob` for sending bytes up to `end`; RegistryError (404 or
