@@ -1,5 +1,6 @@
 """`minimal-registry verify`: a clean tree passes; each kind of damage is caught, with its path."""
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -220,3 +221,21 @@ def test_a_manifest_that_parses_but_cannot_be_served_is_one_problem_line(capsys,
     assert len(lines) == 1 and why in lines[0] and "not a manifest" in lines[0], result.out
     listing = mr_process("ls", "-d", str(tree.root), "--json", timeout=20)
     assert listing.code == 0 and "Traceback" not in listing.err
+
+
+def test_a_repository_or_its_manifests_linked_out_of_the_tree_is_reported_and_not_listed(capsys, tree, tmp_path):
+    outside = tmp_path / "etc"
+    (outside / "manifests").mkdir(parents=True)
+    (outside / "passwd").write_text("root:x:0:0\n")
+    os.symlink(outside / "manifests", tree.root / "library/hello/manifests-elsewhere")
+    (tree.root / "stolen").mkdir()
+    os.symlink(outside, tree.root / "stolen/manifests")
+    os.symlink(outside, tree.root / "linked")
+    result = verify(capsys, tree.root, "--fast")
+    assert result.code == 1
+    found = problems(result)
+    for link in (tree.root / "stolen/manifests", tree.root / "linked"):
+        assert any(str(link) in line and "outside the content tree" in line for line in found), result.out
+    listing = mr(capsys, "ls", "-d", str(tree.root), "--json")
+    names = [r["repository"] for r in json.loads(listing.out)["repositories"]]
+    assert "stolen" not in names and "linked" not in names and "passwd" not in listing.out
