@@ -5,6 +5,7 @@ digests, traversal pieces, encodings, control characters) and arbitrary methods 
 """
 
 import json
+import os
 from urllib.parse import urlencode
 
 import pytest
@@ -111,3 +112,47 @@ def test_stored_manifest_bytes_are_a_manifest_or_not_a_manifest_never_an_excepti
     for text in parsed.annotations.values():
         assert isinstance(text, str)
 
+
+
+@pytest.fixture(scope="module")
+def fuzz_tree(tmp_path_factory):
+    from imagetree import TreeBuilder
+
+    builder = TreeBuilder(tmp_path_factory.mktemp("fuzz") / "registry")
+    image = builder.image("app", "v1")
+    return builder.root, image
+
+
+@settings(max_examples=150, deadline=None)
+@given(media_type=MEDIA_TYPES, extra=st.dictionaries(
+    st.sampled_from(["manifests", "config", "layers", "annotations", "artifactType"]), JSON_VALUES, max_size=4),
+    depth=st.sampled_from([0, 999, 5_000, 200_000]), as_object=st.booleans())
+def test_whatever_a_stored_manifest_holds_the_server_answers_without_a_server_error(
+        fuzz_tree, media_type, extra, depth, as_object):
+    """The same bytes served: by tag, by digest, HEAD, and referrers of the repository."""
+    from imagetree import sha256_digest
+
+    root, image = fuzz_tree
+    document = dict(extra, mediaType=media_type,
+                    subject={"mediaType": image.media_type, "digest": image.digest, "size": image.size})
+    if depth:
+        document["annotations"] = "PLACEHOLDER"
+    body = json.dumps(document).encode()
+    if depth:
+        body = body.replace(b'"PLACEHOLDER"', nested(depth, as_object))
+    digest = sha256_digest(body)
+    (root / "app/manifests" / digest).write_bytes(body)
+    (root / "app/manifests/fuzz").write_bytes(body)
+    app = app_for(root)
+    try:
+        for method, url in (("GET", "/v2/app/manifests/fuzz"), ("HEAD", f"/v2/app/manifests/{digest}"),
+                            ("GET", f"/v2/app/referrers/{image.digest}")):
+            answer = call(app, method, url)
+            assert answer.status in (200, 404), (url, answer)
+            for name, value in answer.headers.items():
+                value.encode("latin-1")
+                assert "\r" not in value and "\n" not in value
+            if answer.status == 200 and url.endswith("fuzz"):
+                assert answer.body == body and answer.headers["Docker-Content-Digest"] == digest
+    finally:
+        os.unlink(root / "app/manifests" / digest)
