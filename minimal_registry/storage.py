@@ -375,6 +375,10 @@ class ContentTree:
                     st = os.lstat(candidate)
                 else:
                     return None
+                if index < len(parts) - 1 and not stat.S_ISDIR(st.st_mode):
+                    # A file where a directory should be (`blobs`, a repository level).
+                    self._report(candidate, f"refusing {candidate}: it is {kind_of(st.st_mode)}, not a directory")
+                    return None
                 current = candidate
         except OSError as error:
             if is_missing(error) or is_broken(error):
@@ -449,7 +453,10 @@ class BlobReader(io.FileIO):
 
 def _is_wanted(st: os.stat_result, directory: bool, path: str, report) -> bool:
     if directory:
-        return stat.S_ISDIR(st.st_mode)  # a file named like a repository is simply not one
+        if stat.S_ISDIR(st.st_mode):
+            return True
+        report(path, f"refusing {path}: it is {kind_of(st.st_mode)}, not a directory")
+        return False
     if stat.S_ISREG(st.st_mode):
         return True
     report(path, f"refusing {path}: it is {kind_of(st.st_mode)}, not a regular file")

@@ -318,3 +318,27 @@ def test_a_loop_of_links_is_not_a_manifest_and_not_a_passing_failure(builder, ca
             answer = call(app, "GET", url)
             assert answer.status == 404 and answer.json()["errors"][0]["code"] == code, (url, answer)
     assert "503" not in caplog.text
+
+
+def test_a_file_where_a_directory_should_be_is_one_clear_log_line(builder, caplog):
+    image = builder.image("app", "v1")
+    other = builder.image("other", "v1")
+    layer = image.layers[0]
+    os.rename(builder.root / "blobs", builder.root / "blobs.aside")
+    (builder.root / "blobs").write_text("not a directory")
+    os.rename(builder.root / "other/manifests", builder.root / "other/manifests.aside")
+    (builder.root / "other/manifests").write_text("not a directory")
+    app = RegistryApp(ContentTree(builder.root))
+    for _ in range(3):
+        assert call(app, "GET", f"/v2/app/blobs/{layer.digest}").status == 404
+        assert call(app, "GET", "/v2/other/manifests/v1").status == 404
+    for path in (builder.root / "blobs", builder.root / "other/manifests"):
+        lines = [r.getMessage() for r in caplog.records if str(path) in r.getMessage()]
+        assert len(lines) == 1 and "a regular file, not a directory" in lines[0], caplog.text
+
+    (builder.root / "blobs").unlink()
+    os.rename(builder.root / "blobs.aside", builder.root / "blobs")
+    (builder.root / "other/manifests").unlink()
+    os.rename(builder.root / "other/manifests.aside", builder.root / "other/manifests")
+    assert call(app, "GET", f"/v2/app/blobs/{layer.digest}").body == layer.data
+    assert served(app, "/v2/other/manifests/v1")[:2] == (200, other.digest)
