@@ -239,3 +239,20 @@ def test_a_repository_or_its_manifests_linked_out_of_the_tree_is_reported_and_no
     listing = mr(capsys, "ls", "-d", str(tree.root), "--json")
     names = [r["repository"] for r in json.loads(listing.out)["repositories"]]
     assert "stolen" not in names and "linked" not in names and "passwd" not in listing.out
+
+
+def test_a_tag_linked_to_a_copy_outside_the_tree_is_reported_as_the_server_refuses_it(capsys, tree, tmp_path):
+    from wsgicall import app_for, call
+
+    manifests = tree.root / "library/hello/manifests"
+    outside = tmp_path / "copies" / tree.hello.digest
+    outside.parent.mkdir()
+    outside.write_bytes((manifests / tree.hello.digest).read_bytes())  # the right bytes
+    (manifests / "latest").unlink()
+    os.symlink(outside, manifests / "latest")
+
+    assert call(app_for(tree.root), "GET", "/v2/library/hello/manifests/latest").status == 404
+    result = verify(capsys, tree.root, "--fast")
+    assert result.code == 1
+    [line] = problems(result)
+    assert str(manifests / "latest") in line and "outside the content tree" in line
