@@ -28,7 +28,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 from minimal_registry import errors, layout, manifest, reference
 from minimal_registry.catalog import Catalog
@@ -38,8 +38,11 @@ from minimal_registry.treesafety import OpenFile, Refused, TreeBounds, kind_of
 
 log = logging.getLogger("minimal_registry")
 
-# Enough for every manifest of a large tree; past it the cache starts over (cheap to refill).
+# Enough for every manifest of a large tree; past either bound a cache starts over (cheap to
+# refill). The byte bound keeps a tree of many big manifests (up to 4 MiB each) from
+# growing the process without end.
 MANIFEST_CACHE_ENTRIES = 16384
+MANIFEST_CACHE_BYTES = 128 * 1024 * 1024
 # Links to a name in the same directory followed in a row (tag -> sha256:...) before giving up.
 MAX_LOCAL_LINKS = 8
 # A file whose ctime is this close to the moment it was read is read again next time. File
@@ -58,6 +61,21 @@ class BlobFile:
 Identity = Tuple[int, int, int, int, int]
 
 
+class BoundedCache(dict):
+    """A dict that starts over when it holds too many entries or too many manifest bytes."""
+
+    def __init__(self, entries: int = MANIFEST_CACHE_ENTRIES):
+        super().__init__()
+        self.max_entries, self.bytes = entries, 0
+
+    def put(self, key, value, size: int) -> None:
+        if len(self) >= self.max_entries or self.bytes + size > MANIFEST_CACHE_BYTES:
+            self.clear()
+            self.bytes = 0
+        self[key] = value
+        self.bytes += size
+
+
 def identity(st: os.stat_result) -> Identity:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
@@ -71,7 +89,7 @@ class ManifestCache:
 
     def __init__(self, capacity: int = MANIFEST_CACHE_ENTRIES):
         self.capacity = capacity
-        self._entries: Dict[Identity, Tuple[Union[Manifest, NotAManifest], int]] = {}
+        self._entries = BoundedCache(capacity)  # identity -> (verdict, time.time_ns() read began)
         self.loads = 0  # files read and parsed: a test reads it to prove the cache works
         self._reported = set()
 
@@ -88,9 +106,8 @@ class ManifestCache:
         if verdict is None:
             started = time.time_ns()
             verdict = self._load(opened)  # an OSError propagates: nothing remembered
-            if len(self._entries) >= self.capacity:
-                self._entries.clear()
-            self._entries[identity(opened.stat)] = (verdict, started)
+            self._entries.put(identity(opened.stat), (verdict, started),
+                              verdict.size if isinstance(verdict, Manifest) else 0)
         if isinstance(verdict, NotAManifest):
             raise verdict
         return verdict
@@ -130,7 +147,7 @@ class ContentTree:
         self.manifests = ManifestCache()
         self.catalog = Catalog(self.root)
         self.faults = ReadFaults()
-        self._lookups: Dict[Tuple[Optional[str], str, str], Lookup] = {}
+        self._lookups = BoundedCache()  # (namespace, name, ref) -> Lookup
         self._reported = set()  # (path, what) already logged: one line per refusal
         self._tree_missing = False
 
@@ -222,9 +239,7 @@ class ContentTree:
                              f"refusing {opened.real_path}: stored as {expected} but its sha256 is {stored.digest}",
                              logging.ERROR)
                 raise errors.manifest_unknown(ref, "stored manifest is corrupt: its sha256 differs from its name")
-            if len(self._lookups) >= MANIFEST_CACHE_ENTRIES:
-                self._lookups.clear()
-            self._lookups[key] = Lookup(stored, path, identity(opened.stat), started, tuple(earlier))
+            self._lookups.put(key, Lookup(stored, path, identity(opened.stat), started, tuple(earlier)), stored.size)
             return stored
         raise errors.manifest_unknown(ref)
 

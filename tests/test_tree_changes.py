@@ -342,3 +342,20 @@ def test_a_file_where_a_directory_should_be_is_one_clear_log_line(builder, caplo
     os.rename(builder.root / "other/manifests.aside", builder.root / "other/manifests")
     assert call(app, "GET", f"/v2/app/blobs/{layer.digest}").body == layer.data
     assert served(app, "/v2/other/manifests/v1")[:2] == (200, other.digest)
+
+
+def test_the_manifest_caches_are_bounded_in_bytes(builder, monkeypatch):
+    """Many big manifests cannot grow the process without end: past the byte bound the
+    caches start over (and every answer is still right)."""
+    monkeypatch.setattr(storage, "MANIFEST_CACHE_BYTES", 64 * 1024)
+    image = builder.image("app", "v1")
+    tree = ContentTree(builder.root)
+    app = RegistryApp(tree)
+    for index in range(40):
+        data = canonical_json({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {
+            "mediaType": image.config.media_type, "digest": image.config.digest, "size": image.config.size},
+            "layers": [], "annotations": {"pad": str(index) * 10_000}})
+        digest = sha256_digest(data)
+        (builder.root / "app/manifests" / digest).write_bytes(data)
+        assert served(app, f"/v2/app/manifests/{digest}")[:2] == (200, digest)
+        assert tree._lookups.bytes <= 64 * 1024 and tree.manifests._entries.bytes <= 64 * 1024
