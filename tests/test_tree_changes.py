@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import threading
+import time
 
 import pytest
 
@@ -44,7 +45,24 @@ def served(app, url):
     return answer.status, answer.headers.get("Docker-Content-Digest"), answer.body
 
 
-def test_a_tag_file_rewritten_in_place_with_the_same_size_and_mtime_is_served_at_once(builder):
+# "settled": the cache trusts files at once (SETTLE_SECONDS = 0) and the clock ticks before the
+# change, so only the file's ctime can show it. "fresh": as it runs, everything just written.
+SETTLE_CASES = pytest.mark.parametrize("settle", ["fresh", "settled"])
+
+
+def settle_first(monkeypatch, settle):
+    if settle == "settled":
+        monkeypatch.setattr(storage, "SETTLE_SECONDS", 0.0)
+
+
+def let_the_clock_tick(settle):
+    if settle == "settled":
+        time.sleep(0.05)  # file times come from a clock that ticks every 1-10 ms
+
+
+@SETTLE_CASES
+def test_a_tag_file_rewritten_in_place_with_the_same_size_and_mtime_is_served_at_once(builder, monkeypatch, settle):
+    settle_first(monkeypatch, settle)
     (old, old_digest), (new, new_digest) = same_size_manifests(builder, "app")
     tag = builder.root / "app/manifests/v1"
     tag.write_bytes(old)
@@ -53,6 +71,7 @@ def test_a_tag_file_rewritten_in_place_with_the_same_size_and_mtime_is_served_at
     assert served(app, "/v2/app/manifests/v1")[:2] == (200, old_digest)
 
     # What `cp -p`, `rsync -t` and `tar --mtime` do: same inode, same size, same mtime.
+    let_the_clock_tick(settle)
     with open(tag, "r+b") as file:
         file.write(new)
     os.utime(tag, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
@@ -61,7 +80,10 @@ def test_a_tag_file_rewritten_in_place_with_the_same_size_and_mtime_is_served_at
     assert (status, digest) == (200, new_digest) and body == new
 
 
-def test_a_tag_file_deleted_and_re_created_with_the_same_size_and_mtime_is_served_at_once(builder):
+@SETTLE_CASES
+def test_a_tag_file_deleted_and_re_created_with_the_same_size_and_mtime_is_served_at_once(builder, monkeypatch,
+                                                                                          settle):
+    settle_first(monkeypatch, settle)
     (old, old_digest), (new, new_digest) = same_size_manifests(builder, "app")
     tag = builder.root / "app/manifests/v1"
     tag.write_bytes(old)
@@ -69,6 +91,7 @@ def test_a_tag_file_deleted_and_re_created_with_the_same_size_and_mtime_is_serve
     app = RegistryApp(ContentTree(builder.root))
     assert served(app, "/v2/app/manifests/v1")[:2] == (200, old_digest)
 
+    let_the_clock_tick(settle)
     tag.unlink()  # ext4 hands the freed inode to the next file at once
     tag.write_bytes(new)
     os.utime(tag, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
@@ -93,9 +116,10 @@ def test_a_settled_manifest_is_read_once_and_then_validated_by_one_stat(builder,
     assert calls == ["stat"] * 3, calls
 
 
-def test_a_recently_changed_manifest_is_read_again_until_it_settles(builder):
+def test_a_recently_changed_manifest_is_read_again_until_it_settles(builder, monkeypatch):
     """A rewrite within the clock tick of the previous one keeps the ctime: a file changed
     less than SETTLE_SECONDS before it was read is not trusted from the cache."""
+    monkeypatch.setattr(storage, "SETTLE_SECONDS", 3600.0)  # however slow this machine is today
     image = builder.image("app", "v1")
     tree = ContentTree(builder.root)
     app = RegistryApp(tree)
@@ -106,6 +130,7 @@ def test_a_recently_changed_manifest_is_read_again_until_it_settles(builder):
 
 @pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.EIO, errno.EACCES, errno.ENOMEM])
 def test_a_failure_to_read_a_manifest_is_a_503_and_is_not_remembered(builder, monkeypatch, caplog, code):
+    monkeypatch.setattr(storage, "SETTLE_SECONDS", 0.0)  # a remembered verdict would be used at once
     image = builder.image("app", "v1")
     app = RegistryApp(ContentTree(builder.root))
     real_open = os.open
