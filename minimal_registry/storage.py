@@ -117,8 +117,15 @@ class ManifestCache:
         if opened.stat.st_size > manifest.MAX_MANIFEST_SIZE:
             failure = NotAManifest(f"{opened.stat.st_size} bytes is over containerd's 4 MiB manifest limit")
         else:
+            body = opened.read(manifest.MAX_MANIFEST_SIZE + 1)
+            after = os.fstat(opened.fd)
+            if len(body) != after.st_size or (after.st_size, after.st_mtime_ns) != (
+                    opened.stat.st_size, opened.stat.st_mtime_ns):
+                # Written in place while read: the bytes are no verdict on the file. A 503
+                # (faults), and the next request reads it again.
+                raise OSError(errno.EAGAIN, "it changed while being read", opened.real_path)
             try:
-                return manifest.parse(opened.read(manifest.MAX_MANIFEST_SIZE + 1))
+                return manifest.parse(body)
             except NotAManifest as error:
                 failure = error
         if (opened.real_path, str(failure)) not in self._reported:  # a re-read says nothing new

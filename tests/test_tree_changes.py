@@ -384,3 +384,29 @@ def test_the_manifest_caches_are_bounded_in_bytes(builder, monkeypatch):
         (builder.root / "app/manifests" / digest).write_bytes(data)
         assert served(app, f"/v2/app/manifests/{digest}")[:2] == (200, digest)
         assert tree._lookups.bytes <= 64 * 1024 and tree.manifests._entries.bytes <= 64 * 1024
+
+
+def test_a_manifest_changed_while_it_is_read_is_not_judged_and_is_tried_again(builder, monkeypatch, caplog):
+    """Written in place (not by rename) while the server reads it: what was read is half of
+    something. That is no verdict on the file: 503, and the next request reads it again."""
+    from minimal_registry import treesafety
+
+    (old, _old_digest), (new, new_digest) = same_size_manifests(builder, "app")
+    tag = builder.root / "app/manifests/v1"
+    tag.write_bytes(old)
+    app = RegistryApp(ContentTree(builder.root))
+    real_read = treesafety.OpenFile.read
+
+    def read_while_rewritten(self, limit):
+        half = real_read(self, len(old) // 2)
+        tag.write_bytes(new[:-1])  # truncated and rewritten under the reader
+        return half + real_read(self, limit)[len(old) // 2:]
+
+    monkeypatch.setattr(treesafety.OpenFile, "read", read_while_rewritten)
+    answer = call(app, "GET", "/v2/app/manifests/v1")
+    assert answer.status == 503 and answer.headers["Retry-After"].isdigit(), answer
+    assert "not a manifest" not in caplog.text
+
+    monkeypatch.setattr(treesafety.OpenFile, "read", real_read)
+    tag.write_bytes(new)
+    assert served(app, "/v2/app/manifests/v1")[:2] == (200, new_digest)
