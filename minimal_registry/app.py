@@ -69,11 +69,11 @@ class RegistryApp:
         file = None
         if isinstance(body, FileSlice):
             try:
-                file = open(body.path, "rb")
-            except OSError as error:
-                # Removed between the lookup and now: as if it had never been there.
-                log.warning("cannot open %s: %s", body.path, error)
-                response = error_response(errors.blob_unknown(body.path.rsplit("/", 1)[-1]), request.head)
+                # Only a regular file inside the tree, opened non-blocking (treesafety); gone
+                # since the lookup: 404; cannot be opened just now (EMFILE, EIO): 503.
+                file = self.tree.open_blob(body.path, body.offset + body.length)
+            except RegistryError as error:
+                response = error_response(error, request.head)
         start_response(_status_line(response.status), response.headers + [API_VERSION_HEADER])
         if file is None:
             return [response.body] if response.body else []

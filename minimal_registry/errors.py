@@ -5,16 +5,21 @@ Every error a client sees goes through `RegistryError.body()`, so every error is
 """
 
 import json
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Tuple
+
+# How long a client should wait before retrying a 503 (RFC 9110 section 10.2.3).
+RETRY_AFTER_SECONDS = 1
 
 
 class RegistryError(Exception):
-    def __init__(self, status: int, code: str, message: str, detail: Optional[Any] = None):
+    def __init__(self, status: int, code: str, message: str, detail: Optional[Any] = None,
+                 headers: Sequence[Tuple[str, str]] = ()):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.detail = detail
+        self.headers = tuple(headers)  # sent with the error (Retry-After)
 
     def body(self) -> bytes:
         error = {"code": self.code, "message": self.message}
@@ -61,3 +66,11 @@ def bad_parameter(name: str, value: str, why: str) -> RegistryError:
 
 def range_invalid(digest: str, size: int) -> RegistryError:
     return RegistryError(416, "RANGE_INVALID", "requested range not satisfiable", {"digest": digest, "size": size})
+
+
+def unavailable(why: str) -> RegistryError:
+    """The content could not be read just now (EMFILE, EIO, a missing tree): retry, it is not a 404.
+
+    UNAVAILABLE is distribution's code for 503 (registry/api/errcode: ErrorCodeUnavailable).
+    """
+    return RegistryError(503, "UNAVAILABLE", why, headers=[("Retry-After", str(RETRY_AFTER_SECONDS))])

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 from urllib.parse import quote
 
 from minimal_registry import errors, manifest
-from minimal_registry.responses import IMMUTABLE, FileSlice, Response, content_response, json_response
+from minimal_registry.responses import IMMUTABLE, FileSlice, Response, client_number, content_response, json_response
 from minimal_registry.storage import ContentTree
 
 
@@ -86,9 +86,9 @@ def _page(items: List[str], request: Request, path: str):
     n_text = request.query.get("n")
     if n_text is None or n_text == "":
         return items, []
-    if not n_text.isdigit():
-        raise errors.bad_parameter("n", n_text, "must be a non-negative integer")
-    n = int(n_text)
+    n = client_number(n_text, ceiling=len(items))
+    if n is None:
+        raise errors.bad_parameter("n", n_text[:100], "must be a non-negative integer (ASCII digits)")
     page = items[:n]
     if len(items) > n and page:
         query = f"n={n}&last={quote(page[-1], safe='/')}"

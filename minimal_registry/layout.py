@@ -17,9 +17,9 @@ it; `verify` and `ls` walk it. All of them build paths here, and only from value
 
 import os
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional
 
-from minimal_registry import reference
+from minimal_registry import reference, treesafety
 
 BLOBS = "blobs"
 MANIFESTS = "manifests"
@@ -50,13 +50,18 @@ def repository_relpaths(name: str, namespace: Optional[str]) -> List[str]:
     return [name]
 
 
+def is_tag_entry(entry: str) -> bool:
+    """A name in `manifests/` that is a tag: not a digest, and in the tag grammar."""
+    return not entry.startswith(DIGEST_PREFIX) and reference.is_tag(entry)
+
+
 def tags(manifests: Path) -> List[str]:
     """Tag names in one `manifests/` directory: every entry that is not a digest."""
     try:
         entries = os.listdir(manifests)
     except OSError:
         return []
-    return sorted(e for e in entries if not e.startswith(DIGEST_PREFIX) and reference.is_tag(e))
+    return sorted(e for e in entries if is_tag_entry(e))
 
 
 def manifest_digests(manifests: Path) -> List[str]:
@@ -67,19 +72,61 @@ def manifest_digests(manifests: Path) -> List[str]:
     return sorted(e for e in entries if reference.is_digest(e))
 
 
-def repositories(root: Path) -> Iterator[str]:
+# A walk of the tree stops after this many directories (a tree of 5,000 repositories has
+# about 25,000): a tree grown past it by mistake costs a bounded time, and says so.
+MAX_WALKED_DIRECTORIES = 200_000
+
+
+class WalkTruncated(Exception):
+    pass
+
+
+def repositories(root: Path, directories: Optional[Dict[str, int]] = None,
+                 limit: Optional[int] = MAX_WALKED_DIRECTORIES) -> Iterator[str]:
     """Every repository name under ROOT (namespaced ones as `<host>/<name>`), unsorted.
 
-    Symlinks are not followed: `<name>/blobs -> ../blobs` would otherwise loop.
+    A repository is a directory holding `manifests/` whose real path lies inside the tree
+    (`treesafety`): a `manifests` linked to `/etc` is not one. Symlinked directories are
+    not descended into (`<name>/blobs -> ../blobs` would loop, and a link may lead out).
+    `directories`, if given, is filled with every directory read and its mtime (in ns), so a
+    caller can tell later, by stat alone, whether the result could have changed. More than
+    `limit` directories (None: no limit): WalkTruncated, after yielding what was found.
     """
-    for directory, subdirs, _files in os.walk(root):
-        if MANIFESTS in subdirs:
-            name = os.path.relpath(directory, root).replace(os.sep, "/")
-            if name != ".":
-                yield name
-        # A repository may also be the parent of deeper ones (`a/b` and `a/b/c`). Dot
-        # directories are never content (an import stages its work in `.import-*`).
-        subdirs[:] = [d for d in subdirs if d not in (MANIFESTS, BLOBS) and not d.startswith(".")]
+    bounds = treesafety.TreeBounds(root)
+    pending = [("", bounds.real_root)]
+    walked = 0
+    while pending:
+        name, directory = pending.pop()
+        walked += 1
+        if limit is not None and walked > limit:
+            raise WalkTruncated(f"more than {limit} directories")
+        try:
+            with os.scandir(directory) as scan:
+                if directories is not None:
+                    directories[directory] = os.stat(directory).st_mtime_ns
+                entries = [(entry.name, entry.is_dir(follow_symlinks=False), entry.is_symlink()) for entry in scan]
+        except OSError:
+            continue
+        for entry_name, is_dir, is_link in entries:
+            if entry_name == MANIFESTS:
+                if name and _contained_directory(bounds, f"{directory}/{entry_name}", is_dir, is_link):
+                    yield name
+            elif is_dir and entry_name != BLOBS and not entry_name.startswith("."):
+                # A repository may also be the parent of deeper ones (`a/b` and `a/b/c`). Dot
+                # directories are never content (an import stages its work in `.import-*`).
+                pending.append((f"{name}/{entry_name}" if name else entry_name, f"{directory}/{entry_name}"))
+
+
+def _contained_directory(bounds: "treesafety.TreeBounds", path: str, is_dir: bool, is_link: bool) -> bool:
+    if is_dir:
+        return True
+    if not is_link:
+        return False
+    try:
+        bounds.directory(path)
+        return True
+    except (OSError, treesafety.Refused):
+        return False
 
 
 def tag_target_digest(tag_path: Path) -> Optional[str]:

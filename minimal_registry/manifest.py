@@ -6,6 +6,7 @@ A manifest is served as its exact bytes; this module only reads them, for the he
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -16,6 +17,10 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_V1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
 IMAGE_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
+
+# RFC 6838 section 4.2: type "/" subtype, each a restricted-name (no parameters: P7).
+_RESTRICTED_NAME = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+MEDIA_TYPE_RE = re.compile(rf"{_RESTRICTED_NAME}/{_RESTRICTED_NAME}")
 
 # containerd refuses manifests larger than this (remotes/docker: MaxManifestSize).
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
@@ -66,6 +71,9 @@ def parse(body: bytes) -> Manifest:
         raise NotAManifest(f"{len(body)} bytes is over containerd's 4 MiB manifest limit")
     try:
         document = json.loads(body)
+    except RecursionError:
+        # Valid JSON nested past Python's recursion limit: no manifest is built like that.
+        raise NotAManifest("JSON nested too deeply to be a manifest") from None
     except (ValueError, UnicodeDecodeError) as error:
         raise NotAManifest(f"not JSON ({error})") from None
     if not isinstance(document, dict):
@@ -77,8 +85,8 @@ def parse(body: bytes) -> Manifest:
         layers = tuple(_descriptor(d) for d in document.get("layers") or ())
         subject = document.get("subject")
         subject_digest = subject.get("digest") if isinstance(subject, dict) else None
-    except (TypeError, KeyError, ValueError, AttributeError) as error:
-        raise NotAManifest(f"malformed descriptor ({error!r})") from None
+    except (TypeError, KeyError, ValueError, AttributeError, RecursionError) as error:
+        raise NotAManifest(f"malformed descriptor ({type(error).__name__}: {ascii(str(error))[1:-1][:200]})") from None
     return Manifest(
         media_type=media_type,
         digest=sha256_digest(body),
@@ -97,6 +105,10 @@ def media_type_of(document: dict) -> str:
     """The declared `mediaType`, or (it is optional in OCI) the type the document's shape implies."""
     declared = document.get("mediaType")
     if isinstance(declared, str) and declared:
+        # It becomes the Content-Type header as it is: it must be a media type (RFC 6838),
+        # which also keeps out CR, LF and anything that is not latin-1.
+        if not MEDIA_TYPE_RE.fullmatch(declared):
+            raise NotAManifest(f"mediaType {ascii(declared)[:100]} is not a media type (type/subtype)")
         return declared
     if document.get("schemaVersion") == 1:
         return DOCKER_V1_SIGNED
@@ -117,10 +129,10 @@ def _descriptor(raw: dict) -> Descriptor:
     platform_text = None
     if isinstance(platform, dict) and platform.get("os") and platform.get("architecture"):
         platform_text = "/".join(
-            str(p) for p in (platform["os"], platform["architecture"], platform.get("variant")) if p
+            p for p in (platform["os"], platform["architecture"], platform.get("variant")) if isinstance(p, str) and p
         )
     return Descriptor(
-        media_type=str(raw.get("mediaType", "")),
+        media_type=raw.get("mediaType") if isinstance(raw.get("mediaType"), str) else "",
         digest=digest,
         size=size,
         platform=platform_text,
@@ -130,5 +142,9 @@ def _descriptor(raw: dict) -> Descriptor:
 
 
 def _annotations(document: dict) -> dict:
+    """String annotations only (OCI: map of string to string); anything else is dropped, so a
+    value nested thousands deep can never reach a JSON answer."""
     annotations = document.get("annotations")
-    return dict(annotations) if isinstance(annotations, dict) else {}
+    if not isinstance(annotations, dict):
+        return {}
+    return {k: v for k, v in annotations.items() if isinstance(k, str) and isinstance(v, str)}

@@ -4,6 +4,7 @@ Handlers build a `Response`; only `app` turns one into WSGI calls. Nothing here 
 so every decision can be tested with a dict of headers.
 """
 
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import List, Mapping, Optional, Tuple, Union
@@ -42,7 +43,8 @@ def json_response(status: int, document, headers=(), content_type: str = "applic
 
 def error_response(error: RegistryError, head: bool = False, headers=()) -> Response:
     body = error.body()
-    response_headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *headers]
+    response_headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                        *error.headers, *headers]
     # A HEAD answer has no body, but says how long the GET body would be.
     return Response(error.status, response_headers, b"" if head else body)
 
@@ -51,6 +53,27 @@ def error_response(error: RegistryError, head: bool = False, headers=()) -> Resp
 
 WHOLE = "whole"
 UNSATISFIABLE = "unsatisfiable"
+
+
+# Longer than any byte count a file can have (2**63 has 19 digits): such a number means "more
+# than everything". Past 4,300 digits int() refuses to parse at all.
+_MAX_DIGITS = 18
+# Values past this are as good as infinite for a byte position or a page size.
+HUGE = 10 ** _MAX_DIGITS
+
+
+def client_number(text: str, ceiling: int = HUGE) -> Optional[int]:
+    """A number a client sent (a Range bound, `?n=`): ASCII digits only, capped at `ceiling`.
+
+    None if `text` is not a non-empty run of ASCII digits: `str.isdigit()` is also true for
+    `\u00b2` (which int() refuses) and `\u0661` (which int() accepts), neither of them HTTP.
+    """
+    if not text or not text.isascii() or not text.isdigit():
+        return None
+    significant = text.lstrip("0") or "0"
+    if len(significant) > _MAX_DIGITS:
+        return ceiling
+    return min(int(significant), ceiling)
 
 
 def parse_range(header: Optional[str], size: int) -> Union[str, Tuple[int, int]]:
@@ -70,16 +93,16 @@ def parse_range(header: Optional[str], size: int) -> Union[str, Tuple[int, int]]
         return WHOLE
     first_text, last_text = first_text.strip(), last_text.strip()
     if not first_text:
-        if not last_text.isdigit():
+        suffix = client_number(last_text)
+        if suffix is None:
             return WHOLE
-        suffix = int(last_text)
         if suffix == 0 or size == 0:
             return UNSATISFIABLE
         return max(size - suffix, 0), size - 1
-    if not first_text.isdigit() or (last_text and not last_text.isdigit()):
+    first = client_number(first_text)
+    last = client_number(last_text) if last_text else size - 1
+    if first is None or last is None:
         return WHOLE
-    first = int(first_text)
-    last = int(last_text) if last_text else size - 1
     if first >= size or last < first:
         return UNSATISFIABLE
     return first, min(last, size - 1)
@@ -122,6 +145,8 @@ def content_response(request_headers: Mapping[str, str], head: bool, *, digest: 
     if none_match(request_headers.get("if-none-match"), etag):
         return Response(304, identity)
 
+    if not ranged:
+        return Response(200, list(_whole_headers(content_type, digest, size, cache_control)), b"" if head else body)
     headers = [("Content-Type", content_type), *identity]
     if ranged:
         headers.append(("Accept-Ranges", "bytes"))
@@ -138,6 +163,17 @@ def content_response(request_headers: Mapping[str, str], head: bool, *, digest: 
 
     headers.append(("Content-Length", str(size)))
     return Response(200, headers, b"" if head else body)
+
+
+@functools.lru_cache(maxsize=4096)
+def _whole_headers(content_type: str, digest: str, size: int, cache_control: Optional[str]) -> Tuple[Tuple[str, str], ...]:
+    """The 200 head of a manifest, built once per (manifest, cache policy): a repeated
+    manifest request only copies it."""
+    headers = [("Content-Type", content_type), ("Docker-Content-Digest", digest), ("ETag", f'"{digest}"')]
+    if cache_control:
+        headers.append(("Cache-Control", cache_control))
+    headers.append(("Content-Length", str(size)))
+    return tuple(headers)
 
 
 def _slice(body: Union[bytes, FileSlice], first: int, length: int) -> Union[bytes, FileSlice]:

@@ -1,6 +1,8 @@
 """`minimal-registry verify`: a clean tree passes; each kind of damage is caught, with its path."""
 
+import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -154,3 +156,103 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere():
     plain.finish()
     lines = log.getvalue().splitlines()
     assert len(lines) == 2 and "\r" not in log.getvalue() and " 50%" in lines[0]
+
+
+# ----- one containment rule with the server; only regular files are ever opened -------------
+
+def test_a_blob_linked_to_a_correct_file_outside_the_tree_is_reported_as_the_server_refuses_it(capsys, tree, tmp_path):
+    from wsgicall import app_for, call
+
+    layer = tree.hello.layers[0]
+    blob = tree.root / "blobs" / layer.digest
+    outside = tmp_path / "elsewhere" / layer.digest
+    outside.parent.mkdir()
+    os.replace(blob, outside)
+    os.symlink(outside, blob)  # the right bytes, but outside the tree
+
+    assert call(app_for(tree.root), "GET", f"/v2/library/hello/blobs/{layer.digest}").status == 404
+    for extra in ((), ("--fast",)):
+        result = verify(capsys, tree.root, *extra)
+        assert result.code == 1, result.out
+        [line] = problems(result)
+        assert str(blob) in line and "outside the content tree" in line and "the server refuses it" in line
+
+
+def test_a_fifo_as_a_tag_is_a_problem_not_a_hang(tree):
+    tag = tree.root / "library/hello/manifests/latest"
+    tag.unlink()
+    os.mkfifo(tag)
+    for command in (("verify",), ("verify", "--fast"), ("ls",), ("ls", "--json")):
+        result = mr_process(*command, "-d", str(tree.root), timeout=20)
+        assert "Traceback" not in result.err, result.err
+        if command[0] == "verify":
+            assert result.code == 1
+            assert any(str(tag) in line and "a FIFO" in line for line in problems(result)), result.out
+        else:
+            assert result.code == 0
+            assert "a FIFO" in result.out
+
+
+def test_a_device_named_like_a_manifest_is_a_problem_never_read(tree):
+    device = tree.root / "library/hello/manifests" / ("sha256:" + "e" * 64)
+    os.mknod(device, 0o644 | stat.S_IFCHR, os.makedev(1, 5))  # what /dev/zero is: endless bytes
+    os.mknod(tree.root / "blobs" / ("sha256:" + "f" * 64), 0o644 | stat.S_IFCHR, os.makedev(1, 5))
+    result = mr_process("verify", "-d", str(tree.root), timeout=20)
+    assert result.code == 1 and "Traceback" not in result.err
+    found = problems(result)
+    assert any(str(device) in line and "a character device" in line for line in found), result.out
+    assert any("f" * 64 in line and "a character device" in line for line in found), result.out
+    listing = mr_process("ls", "-d", str(tree.root), timeout=20)
+    assert listing.code == 0 and "Traceback" not in listing.err
+
+
+@pytest.mark.parametrize("body,why", [
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"schemaVersion":2,"mediaType":"application/x\\r\\nX: 1","manifests":[]}', "mediaType"),
+])
+def test_a_manifest_that_parses_but_cannot_be_served_is_one_problem_line(capsys, tree, body, why):
+    digest = imagetree.sha256_digest(body)
+    manifests = tree.root / "library/hello/manifests"
+    (manifests / digest).write_bytes(body)
+    os.symlink(digest, manifests / "odd")
+    result = mr_process("verify", "--fast", "-d", str(tree.root), timeout=20)
+    assert result.code == 1 and "Traceback" not in result.err, result.err
+    lines = [line for line in problems(result) if digest in line or "odd" in line]
+    assert len(lines) == 1 and why in lines[0] and "not a manifest" in lines[0], result.out
+    listing = mr_process("ls", "-d", str(tree.root), "--json", timeout=20)
+    assert listing.code == 0 and "Traceback" not in listing.err
+
+
+def test_a_repository_or_its_manifests_linked_out_of_the_tree_is_reported_and_not_listed(capsys, tree, tmp_path):
+    outside = tmp_path / "etc"
+    (outside / "manifests").mkdir(parents=True)
+    (outside / "passwd").write_text("root:x:0:0\n")
+    os.symlink(outside / "manifests", tree.root / "library/hello/manifests-elsewhere")
+    (tree.root / "stolen").mkdir()
+    os.symlink(outside, tree.root / "stolen/manifests")
+    os.symlink(outside, tree.root / "linked")
+    result = verify(capsys, tree.root, "--fast")
+    assert result.code == 1
+    found = problems(result)
+    for link in (tree.root / "stolen/manifests", tree.root / "linked"):
+        assert any(str(link) in line and "outside the content tree" in line for line in found), result.out
+    listing = mr(capsys, "ls", "-d", str(tree.root), "--json")
+    names = [r["repository"] for r in json.loads(listing.out)["repositories"]]
+    assert "stolen" not in names and "linked" not in names and "passwd" not in listing.out
+
+
+def test_a_tag_linked_to_a_copy_outside_the_tree_is_reported_as_the_server_refuses_it(capsys, tree, tmp_path):
+    from wsgicall import app_for, call
+
+    manifests = tree.root / "library/hello/manifests"
+    outside = tmp_path / "copies" / tree.hello.digest
+    outside.parent.mkdir()
+    outside.write_bytes((manifests / tree.hello.digest).read_bytes())  # the right bytes
+    (manifests / "latest").unlink()
+    os.symlink(outside, manifests / "latest")
+
+    assert call(app_for(tree.root), "GET", "/v2/library/hello/manifests/latest").status == 404
+    result = verify(capsys, tree.root, "--fast")
+    assert result.code == 1
+    [line] = problems(result)
+    assert str(manifests / "latest") in line and "outside the content tree" in line

@@ -28,6 +28,17 @@ ETAG = f'"{DIGEST}"'
     ("bytes=-", WHOLE),
     ("bytes=1-x", WHOLE),
     ("BYTES=1-2", (1, 2)),
+    # Only ASCII digits are numbers (str.isdigit() also accepts these, int() does not).
+    ("bytes=\u00b2-", WHOLE),
+    ("bytes=0-\u00b2", WHOLE),
+    ("bytes=-\u00b2", WHOLE),
+    ("bytes=\u0661-", WHOLE),  # ARABIC-INDIC DIGIT ONE: int() takes it, HTTP does not
+    ("bytes=\uff11-\uff12", WHOLE),
+    # Numbers past any file size, longer than int() will parse (4,300 digits).
+    ("bytes=" + "9" * 5000 + "-", UNSATISFIABLE),
+    ("bytes=0-" + "9" * 5000, (0, 2047)),
+    ("bytes=-" + "9" * 5000, (0, 2047)),
+    ("bytes=" + "0" * 5000 + "7-8", (7, 8)),
 ])
 def test_parse_range(header, want):
     assert parse_range(header, SIZE) == want
@@ -86,3 +97,17 @@ def test_not_modified_has_identity_but_no_length():
     response = blob({"if-none-match": ETAG})
     assert response.header("ETag") == ETAG and response.header("Docker-Content-Digest") == DIGEST
     assert response.header("Content-Length") is None and response.body == b""
+
+
+CEILING = 10 ** 6
+
+
+@pytest.mark.parametrize("text,want", [
+    ("0", 0), ("12", 12), ("007", 7), ("0" * 5000 + "3", 3), ("1000001", CEILING), ("9" * 5000, CEILING),
+    ("\u00b2", None), ("\u0661", None), ("-1", None), ("+1", None), (" 1", None), ("1_000", None), ("", None),
+])
+def test_client_numbers_are_ascii_digits_and_capped(text, want):
+    """Whatever a client sends as a number: None unless ASCII digits; never int() of 5,000 digits."""
+    from minimal_registry.responses import client_number
+
+    assert client_number(text, CEILING) == want

@@ -48,5 +48,8 @@ class SourceFiles:
     def read_json(self, name: str):
         try:
             return json.loads(self.read_bytes(name))
+        except RecursionError:
+            raise Fatal(f"{self.label}: {name} is JSON nested too deeply to be what it claims",
+                        "the source is damaged") from None
         except (ValueError, UnicodeDecodeError) as error:
             raise Fatal(f"{self.label}: {name} is not JSON ({error})", "the source is damaged") from None

@@ -9,12 +9,13 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from minimal_registry import layout, reference
 from minimal_registry import manifest as manifests
 from minimal_registry.content import treewalk
 from minimal_registry.content.formatting import human_bytes, short_media_type
+from minimal_registry.treesafety import Refused, TreeBounds
 
 
 def run(tree: Path, as_json: bool = False) -> int:
@@ -28,9 +29,10 @@ def run(tree: Path, as_json: bool = False) -> int:
 
 
 def describe(tree: Path) -> dict:
+    bounds = TreeBounds(tree)
     repositories = []
     for repository in treewalk.repositories(tree):
-        tags = [_describe_tag(tree, repository, tag) for tag in layout.tags(repository.manifests)]
+        tags = [_describe_tag(tree, bounds, repository, tag) for tag in layout.tags(repository.manifests)]
         repositories.append({
             "repository": repository.full_name,
             "namespace": repository.namespace,
@@ -38,7 +40,7 @@ def describe(tree: Path) -> dict:
             "tags": tags,
             "manifests": len(layout.manifest_digests(repository.manifests)),
         })
-    blob_count, blob_bytes = _blob_totals(tree)
+    blob_count, blob_bytes = _blob_totals(tree, bounds)
     return {
         "root": str(tree),
         "repositories": repositories,
@@ -51,13 +53,13 @@ def describe(tree: Path) -> dict:
     }
 
 
-def _describe_tag(tree: Path, repository: treewalk.Repository, tag: str) -> dict:
+def _describe_tag(tree: Path, bounds: TreeBounds, repository: treewalk.Repository, tag: str) -> dict:
     path = repository.manifests / tag
     result = {"tag": tag, "digest": layout.tag_target_digest(path), "mediaType": None,
               "platforms": [], "absentPlatforms": [], "size": None, "error": None}
-    top = _load(path)
+    top, why = _load(bounds, path)
     if top is None:
-        result["error"] = "does not resolve to a readable manifest"
+        result["error"] = why
         return result
     result["digest"] = result["digest"] or top.digest
     result["mediaType"] = top.media_type
@@ -67,7 +69,7 @@ def _describe_tag(tree: Path, repository: treewalk.Repository, tag: str) -> dict
     if top.is_index:
         images = []
         for child in top.children:
-            loaded = _load(repository.manifests / child.digest)
+            loaded, _why = _load(bounds, repository.manifests / child.digest)
             if loaded is None:
                 if child.platform:
                     result["absentPlatforms"].append(child.platform)
@@ -78,28 +80,40 @@ def _describe_tag(tree: Path, repository: treewalk.Repository, tag: str) -> dict
             images.append(loaded)
     for image in images:
         for blob in image.referenced_blobs():
-            if treewalk.blob_path(tree, repository, blob.digest) is not None:
+            if treewalk.blob_path(tree, repository, blob.digest, bounds) is not None:
                 seen_blobs[blob.digest] = blob.size
     result["size"] = size + sum(seen_blobs.values())
     return result
 
 
-def _load(path: Path) -> Optional[manifests.Manifest]:
+def _load(bounds: TreeBounds, path: Path) -> Tuple[Optional[manifests.Manifest], Optional[str]]:
+    """(manifest, None), or (None, why not): read only as the server reads (`treesafety`)."""
     try:
-        return manifests.parse(path.read_bytes())
-    except (OSError, manifests.NotAManifest):
-        return None
+        with bounds.open_regular(path) as opened:
+            if opened.stat.st_size > manifests.MAX_MANIFEST_SIZE:
+                return None, "over containerd's 4 MiB manifest limit"
+            return manifests.parse(opened.read(manifests.MAX_MANIFEST_SIZE + 1)), None
+    except Refused as refusal:
+        return None, str(refusal)
+    except OSError as error:
+        return None, f"cannot read: {error.strerror}"
+    except manifests.NotAManifest as problem:
+        return None, f"not a manifest: {problem}"
 
 
-def _blob_totals(tree: Path):
+def _blob_totals(tree: Path, bounds: TreeBounds):
     count = total = 0
     try:
-        for entry in os.scandir(layout.shared_blobs_dir(tree)):
-            if reference.is_digest(entry.name) and entry.is_file():
-                count += 1
-                total += entry.stat().st_size
+        entries = list(os.scandir(layout.shared_blobs_dir(tree)))
     except OSError:
-        pass
+        return count, total
+    for entry in entries:
+        if reference.is_digest(entry.name):
+            try:
+                total += bounds.check_regular(entry.path).st_size
+                count += 1
+            except (OSError, Refused):
+                pass
     return count, total
 
 
@@ -134,9 +148,13 @@ def render(document: dict) -> str:
             ))
     if not rows:
         return f"no images in {document['root']}"
+    broken = [f"{repository['repository']}:{tag['tag']}: {tag['error']}"
+              for repository in document["repositories"] for tag in repository["tags"] if tag["error"]]
     widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
     lines = ["  ".join(str(cell).ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in [header] + rows]
     totals = document["totals"]
+    if broken:
+        lines += [""] + broken
     lines.append("")
     lines.append(f"{totals['repositories']} repositories, {totals['tags']} tags, {totals['blobs']} blobs, "
                  f"{human_bytes(totals['size'])} in {document['root']}")

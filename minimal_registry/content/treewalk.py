@@ -1,11 +1,10 @@
 """Reading a content tree for `verify` and `ls`: its repositories, tags and blobs, by `layout`."""
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from minimal_registry import layout, reference
+from minimal_registry import layout, reference, treesafety
 
 
 @dataclass(frozen=True)
@@ -22,7 +21,8 @@ class Repository:
 
 def repositories(tree: Path) -> List[Repository]:
     found = []
-    for full_name in sorted(layout.repositories(tree)):
+    # The offline tools read the whole tree, however large (the server's walk is bounded).
+    for full_name in sorted(layout.repositories(tree, limit=None)):
         if full_name.split("/", 1)[0].startswith("."):
             continue  # an import's staging directory, never a repository
         namespace, name = reference.split_domain(full_name)
@@ -32,20 +32,15 @@ def repositories(tree: Path) -> List[Repository]:
     return found
 
 
-def blob_path(tree: Path, repository: Repository, digest: str) -> Optional[Path]:
-    """Where the server finds `digest` for `repository`: its `blobs/` (link), else ROOT/blobs."""
-    shared = layout.shared_blob_path(tree, digest)
-    own = repository.directory / layout.BLOBS / digest
-    if own.is_file():
+def blob_path(tree: Path, repository: Repository, digest: str,
+              bounds: Optional[treesafety.TreeBounds] = None) -> Optional[Path]:
+    """Where the server finds `digest` for `repository`, by its rule: ROOT/blobs first, then
+    the repository's `blobs/`; only a regular file inside the tree (`treesafety`) counts."""
+    bounds = bounds or treesafety.TreeBounds(tree)
+    for path in (layout.shared_blob_path(tree, digest), repository.directory / layout.BLOBS / digest):
         try:
-            if os.path.samefile(own, shared):
-                return shared  # through the `blobs -> ../blobs` links: name it where it really is
-        except OSError:
-            pass
-        return own
-    return shared if shared.is_file() else None
-
-
-def inside(path: Path, tree_real: str) -> bool:
-    real = os.path.realpath(path)
-    return real == tree_real or real.startswith(tree_real.rstrip(os.sep) + os.sep)
+            bounds.check_regular(path)
+            return path
+        except (OSError, treesafety.Refused):
+            continue
+    return None

@@ -9,6 +9,8 @@ Checks, each problem reported with its path:
     platform with no manifest in the tree is a note, not a problem: the index was pulled for
     fewer platforms, on purpose. An index with none of its manifests is a problem.
   - every `blobs` link resolves, and nothing resolves outside the tree (the server refuses it).
+  - only regular files are opened (`treesafety`, the server's own rule): a FIFO, a device or
+    anything linked out of the tree is a problem, reported as the server would refuse it.
 Notes (not problems): leftovers of an interrupted import, unexpected files, blobs no
 manifest references. Exit 0 clean, 1 problems, 2 unusable arguments.
 """
@@ -20,6 +22,7 @@ from typing import Dict, List, Optional
 
 from minimal_registry import layout, reference
 from minimal_registry import manifest as manifests
+from minimal_registry.treesafety import Refused, TreeBounds
 from minimal_registry.content import atomic, hashing, treewalk
 from minimal_registry.content.formatting import human_bytes
 from minimal_registry.content.progress import Progress
@@ -56,8 +59,8 @@ class Counts:
 def run(tree: Path, fast: bool = False, quiet: bool = False) -> int:
     report = Report(quiet=quiet)
     counts = Counts()
-    tree_real = os.path.realpath(tree)
-    blob_files = _scan_blob_dir(tree / layout.BLOBS, report, must_exist=True)
+    bounds = TreeBounds(tree)
+    blob_files = _scan_blob_dir(tree / layout.BLOBS, bounds, report, must_exist=True)
     _scan_leftovers(tree, report)
     referenced: Dict[Path, int] = {}  # blob path -> size manifests say it has
     repositories = treewalk.repositories(tree)
@@ -65,8 +68,8 @@ def run(tree: Path, fast: bool = False, quiet: bool = False) -> int:
         report.problem(tree, "no repositories: this is not a content tree, or it is empty")
     for repository in repositories:
         counts.repositories += 1
-        _check_repository(tree, tree_real, repository, report, counts, referenced, blob_files)
-    _check_blob_links(tree, report)
+        _check_repository(tree, bounds, repository, report, counts, referenced, blob_files)
+    _check_links(tree, bounds, report)
 
     all_blobs = dict(blob_files)
     counts.blobs = len(all_blobs)
@@ -90,7 +93,7 @@ def run(tree: Path, fast: bool = False, quiet: bool = False) -> int:
 
 # ----- blobs ---------------------------------------------------------------------------------
 
-def _scan_blob_dir(directory: Path, report: Report, must_exist: bool) -> Dict[Path, int]:
+def _scan_blob_dir(directory: Path, bounds: TreeBounds, report: Report, must_exist: bool) -> Dict[Path, int]:
     """digest-named files in one blobs directory -> size; everything else is reported."""
     found: Dict[Path, int] = {}
     try:
@@ -106,10 +109,9 @@ def _scan_blob_dir(directory: Path, report: Report, must_exist: bool) -> Dict[Pa
         path = Path(entry.path)
         if reference.is_digest(entry.name):
             try:
-                if not entry.is_file():
-                    report.problem(path, "not a regular file")
-                    continue
-                found[path] = entry.stat().st_size
+                found[path] = bounds.check_regular(path).st_size
+            except Refused as refusal:
+                report.problem(path, f"{refusal}; the server refuses it")
             except OSError as error:
                 report.problem(path, f"cannot read: {error.strerror}")
         elif atomic.is_temp_name(entry.name):
@@ -145,26 +147,31 @@ def _hash_blobs(blobs: Dict[Path, int], report: Report, quiet: bool) -> Optional
 
 # ----- repositories ----------------------------------------------------------------------------
 
-def _check_repository(tree: Path, tree_real: str, repository: treewalk.Repository, report: Report,
+def _check_repository(tree: Path, bounds: TreeBounds, repository: treewalk.Repository, report: Report,
                       counts: Counts, referenced: Dict[Path, int], blob_files: Dict[Path, int]) -> None:
     if not reference.is_name(repository.name) or (repository.namespace and not reference.is_host(repository.namespace)):
         report.note(repository.directory, "not a valid repository name: the server will not serve it")
     own_blobs = repository.directory / layout.BLOBS
     if own_blobs.is_dir() and not own_blobs.is_symlink():
-        blob_files.update(_scan_blob_dir(own_blobs, report, must_exist=False))
+        blob_files.update(_scan_blob_dir(own_blobs, bounds, report, must_exist=False))
 
     stored: Dict[str, manifests.Manifest] = {}
     for digest in layout.manifest_digests(repository.manifests):
         path = repository.manifests / digest
         counts.manifests += 1
-        parsed = _read_manifest(path, tree_real, report)
+        parsed = _read_manifest(path, bounds, report)
         if parsed is None:
             continue
         if parsed.digest != digest:
             report.problem(path, f"content hashes to {parsed.digest}: the manifest is damaged")
             continue
         stored[digest] = parsed
-    for entry in sorted(os.listdir(repository.manifests)):
+    try:
+        entries = sorted(os.listdir(repository.manifests))
+    except OSError as error:
+        report.problem(repository.manifests, f"cannot list: {error.strerror}")
+        entries = []
+    for entry in entries:
         if atomic.is_temp_name(entry):
             report.note(repository.manifests / entry, "left by an interrupted import; safe to delete")
         elif not reference.is_digest(entry) and not reference.is_tag(entry):
@@ -172,26 +179,28 @@ def _check_repository(tree: Path, tree_real: str, repository: treewalk.Repositor
 
     for tag in layout.tags(repository.manifests):
         counts.tags += 1
-        _check_tag(repository, tag, stored, tree_real, report)
+        _check_tag(repository, tag, stored, bounds, report)
 
     for parsed in stored.values():
         where = repository.manifests / parsed.digest
         if parsed.is_index:
             _check_children(repository, parsed, stored, where, report)
         for blob in parsed.referenced_blobs():
-            _check_blob_reference(tree, repository, blob, where, report, referenced)
+            _check_blob_reference(tree, bounds, repository, blob, where, report, referenced)
 
 
-def _read_manifest(path: Path, tree_real: str, report: Report) -> Optional[manifests.Manifest]:
-    if not treewalk.inside(path, tree_real):
-        report.problem(path, f"resolves to {os.path.realpath(path)}, outside the tree: the server refuses it")
-        return None
+def _read_manifest(path: Path, bounds: TreeBounds, report: Report) -> Optional[manifests.Manifest]:
+    """The manifest at `path`, read as the server reads it; None (and a problem) otherwise."""
     try:
-        size = path.stat().st_size
-        if size > manifests.MAX_MANIFEST_SIZE:
-            report.problem(path, f"{human_bytes(size)} is over containerd's 4 MiB manifest limit")
-            return None
-        body = path.read_bytes()
+        with bounds.open_regular(path) as opened:
+            size = opened.stat.st_size
+            if size > manifests.MAX_MANIFEST_SIZE:
+                report.problem(path, f"{human_bytes(size)} is over containerd's 4 MiB manifest limit")
+                return None
+            body = opened.read(manifests.MAX_MANIFEST_SIZE + 1)
+    except Refused as refusal:
+        report.problem(path, f"{refusal}; the server refuses it")
+        return None
     except OSError as error:
         report.problem(path, f"cannot read: {error.strerror}")
         return None
@@ -202,7 +211,7 @@ def _read_manifest(path: Path, tree_real: str, report: Report) -> Optional[manif
         return None
 
 
-def _check_tag(repository, tag: str, stored: Dict[str, manifests.Manifest], tree_real: str, report: Report) -> None:
+def _check_tag(repository, tag: str, stored: Dict[str, manifests.Manifest], bounds: TreeBounds, report: Report) -> None:
     path = repository.manifests / tag
     if path.is_symlink():
         target = os.readlink(path)
@@ -211,14 +220,13 @@ def _check_tag(repository, tag: str, stored: Dict[str, manifests.Manifest], tree
             report.problem(path, f"links to {target!r}, not to a sha256:<hex> manifest")
         elif not path.exists():
             report.problem(path, f"dangling tag: links to {target}, which does not exist")
-        elif not treewalk.inside(path, tree_real):
-            report.problem(path, f"resolves outside the tree ({os.path.realpath(path)}): the server refuses it")
-        elif os.path.dirname(target) not in ("", ".") and digest not in stored:
-            parsed = _read_manifest(path, tree_real, report)
+        elif os.path.dirname(target) not in ("", "."):
+            # Not the manifest stored next to it: read it as the server would (it may lead out).
+            parsed = _read_manifest(path, bounds, report)
             if parsed is not None and parsed.digest != digest:
                 report.problem(path, f"links to {target} whose content hashes to {parsed.digest}")
         return
-    parsed = _read_manifest(path, tree_real, report)
+    parsed = _read_manifest(path, bounds, report)
     if parsed is not None and parsed.digest not in stored:
         report.note(path, f"a plain copy of {parsed.digest}, which is not stored under its digest")
 
@@ -246,15 +254,17 @@ def _check_children(repository, index: manifests.Manifest, stored, where: Path, 
             report.problem(where, f"none of the index's manifests is in the tree ({', '.join(absent)})")
 
 
-def _check_blob_reference(tree: Path, repository, blob: manifests.Descriptor, where: Path, report: Report,
-                          referenced: Dict[Path, int]) -> None:
+def _check_blob_reference(tree: Path, bounds: TreeBounds, repository, blob: manifests.Descriptor, where: Path,
+                          report: Report, referenced: Dict[Path, int]) -> None:
     if not reference.is_digest(blob.digest):
         report.problem(where, f"references {blob.digest!r}, not a sha256 digest")
         return
-    path = treewalk.blob_path(tree, repository, blob.digest)
+    path = treewalk.blob_path(tree, repository, blob.digest, bounds)
     if path is None:
-        report.problem(layout.shared_blob_path(tree, blob.digest),
-                       f"missing: {blob.media_type or 'blob'} of {where}")
+        shared = layout.shared_blob_path(tree, blob.digest)
+        if not os.path.lexists(shared) and not os.path.lexists(repository.directory / layout.BLOBS / blob.digest):
+            report.problem(shared, f"missing: {blob.media_type or 'blob'} of {where}")
+        # else: present but refused, which the scan of blobs/ has reported
         return
     if path in referenced:
         return
@@ -264,10 +274,20 @@ def _check_blob_reference(tree: Path, repository, blob: manifests.Descriptor, wh
         report.problem(path, f"is {size} bytes, {where.name} says {blob.size}: truncated or damaged")
 
 
-def _check_blob_links(tree: Path, report: Report) -> None:
+def _check_links(tree: Path, bounds: TreeBounds, report: Report) -> None:
+    """Every `blobs` link resolves; no link (a repository, its manifests/) leads out of the tree."""
     for directory, subdirs, files in os.walk(tree):
         for name in subdirs + files:
             link = Path(directory) / name
-            if name == layout.BLOBS and link.is_symlink() and not link.is_dir():
+            if not link.is_symlink():
+                continue
+            if name == layout.BLOBS and not link.is_dir():
                 report.problem(link, f"dangling link to {os.readlink(link)}")
+            elif link.is_dir():
+                try:
+                    bounds.resolve(link)
+                except Refused as refusal:
+                    report.problem(link, f"{refusal}; the server refuses it")
+                except OSError:
+                    pass
         subdirs[:] = [d for d in subdirs if d not in (layout.MANIFESTS, layout.BLOBS) and not d.startswith(".")]

@@ -1,0 +1,72 @@
+"""The containment rule on its own: what the server, verify, ls and prune may read."""
+
+import os
+import shutil
+import stat
+
+import pytest
+
+from minimal_registry.treesafety import Refused, TreeBounds
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "registry"
+    (root / "blobs").mkdir(parents=True)
+    (root / "blobs" / "good").write_bytes(b"inside")
+    (tmp_path / "outside").write_bytes(b"secret")
+    return root
+
+
+def test_a_regular_file_inside_is_opened_and_read(tree):
+    with TreeBounds(tree).open_regular(tree / "blobs" / "good") as opened:
+        assert opened.read(100) == b"inside" and opened.real_path == str(tree / "blobs" / "good")
+
+
+def test_a_link_out_of_the_tree_is_refused_before_and_after_opening(tree, tmp_path):
+    os.symlink(tmp_path / "outside", tree / "blobs" / "leak")
+    bounds = TreeBounds(tree)
+    for check in (bounds.open_regular, bounds.check_regular, bounds.resolve):
+        with pytest.raises(Refused, match="outside the content tree"):
+            check(tree / "blobs" / "leak")
+
+
+def test_blobs_kept_on_another_disk_are_inside(tree, tmp_path):
+    elsewhere = tmp_path / "disk2"
+    shutil.move(str(tree / "blobs"), elsewhere)
+    os.symlink(elsewhere, tree / "blobs")
+    bounds = TreeBounds(tree)
+    assert bounds.contains(str(elsewhere / "good"))
+    with bounds.open_regular(tree / "blobs" / "good") as opened:
+        assert opened.read(6) == b"inside"
+    assert not bounds.contains(str(tmp_path / "outside"))
+
+
+@pytest.mark.parametrize("make,kind", [
+    (lambda path: os.mkfifo(path), "a FIFO"),
+    (lambda path: os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 5)), "a character device"),
+    (lambda path: os.mkdir(path), "a directory"),
+])
+def test_anything_but_a_regular_file_is_never_opened(tree, make, kind):
+    make(tree / "blobs" / "odd")
+    bounds = TreeBounds(tree)
+    for check in (bounds.open_regular, bounds.check_regular):
+        with pytest.raises(Refused, match=kind):
+            check(tree / "blobs" / "odd")
+
+
+def test_a_fifo_swapped_in_after_the_check_does_not_block_and_is_refused(tree, monkeypatch):
+    """The check before opening saw a regular file; by the open it is a FIFO with no writer.
+    A blocking open would wait forever; the non-blocking one returns and fstat refuses it."""
+    fifo = tree / "blobs" / "swapped"
+    os.mkfifo(fifo)
+    regular = os.stat(tree / "blobs" / "good")
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda path, *a, **k: regular if str(path) == str(fifo) else real_stat(path, *a, **k))
+    with pytest.raises(Refused, match="a FIFO"):
+        TreeBounds(tree).open_regular(fifo)
+
+
+def test_a_missing_file_is_an_os_error_not_a_refusal(tree):
+    with pytest.raises(FileNotFoundError):
+        TreeBounds(tree).open_regular(tree / "blobs" / "absent")
