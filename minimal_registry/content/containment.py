@@ -1,27 +1,21 @@
-"""Touching a content tree's files without ever leaving the tree: one containment rule, and
-reads that open only regular files.
+"""What `prune`, `rm` and a tree given to `import` may touch: the server's containment rule
+(`minimal_registry.treesafety`, used here, never re-written), and where deleting is allowed.
 
-`is_within_tree` is the rule `prune`, `rm` and a tree given to `import` share, written once
-here so that the server's own containment function (`minimal_registry.treesafety`, on
-another branch) can replace it in one place. Reads open with O_NOFOLLOW and O_NONBLOCK and
-check the file type before reading, so a symlink, a FIFO or a device in a tree can neither
-lead outside it nor hang or flood a tool.
+Reads go through `TreeBounds.open_regular`, so a symlink, a FIFO or a device in a tree can
+neither lead outside it nor hang or flood a tool.
 """
 
 import os
 import stat
 from typing import Optional
 
+from minimal_registry.treesafety import Refused, TreeBounds
+
 
 def is_within_tree(tree_real: str, path: str) -> bool:
-    """Whether `path`, every symlink in it resolved, is `tree_real` or below it.
-
-    `tree_real` is `os.path.realpath(tree)`. The test is on the resolved path, so a link
-    anywhere in `path` (a `manifests` directory, a repository, the blob itself) that leads
-    out of the tree makes it "outside".
-    """
-    real = os.path.realpath(path)
-    return real == tree_real or real.startswith(tree_real.rstrip(os.sep) + os.sep)
+    """Whether `path`, every symlink in it resolved, lies where the server would read it:
+    inside the tree `tree_real`, or inside its top-level `blobs`."""
+    return TreeBounds(tree_real).contains(os.path.realpath(path))
 
 
 def is_plain_directory(tree: str, relative: str) -> bool:
@@ -57,26 +51,21 @@ def read_regular(path: str, limit: int) -> Optional[bytes]:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
             return None
-        chunks = []
-        remaining = limit + 1
-        while remaining > 0:
-            chunk = os.read(fd, min(remaining, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        data = b"".join(chunks)
+        data = os.pread(fd, limit + 1, 0)
         return data if len(data) <= limit else None
     finally:
         os.close(fd)
 
 
 def read_regular_inside(tree_real: str, path: str, limit: int) -> Optional[bytes]:
-    """`read_regular`, following a symlink only when it resolves inside the tree (the rule
-    the server serves by); None for a link out of it."""
-    if os.path.islink(path):
-        real = os.path.realpath(path)
-        if not is_within_tree(tree_real, real):
+    """The bytes of `path` if the server would read it (a regular file inside the tree, links
+    resolved) and it holds at most `limit` bytes; None if the rule refuses it."""
+    try:
+        opened = TreeBounds(tree_real).open_regular(path)
+    except Refused:
+        return None
+    with opened:
+        if opened.stat.st_size > limit:
             return None
-        path = real
-    return read_regular(path, limit)
+        data = opened.read(limit + 1)
+    return data if len(data) <= limit else None
