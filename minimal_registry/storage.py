@@ -67,12 +67,16 @@ class BoundedCache(dict):
     def __init__(self, entries: int = MANIFEST_CACHE_ENTRIES):
         super().__init__()
         self.max_entries, self.bytes = entries, 0
+        self._sizes = {}
 
     def put(self, key, value, size: int) -> None:
+        self.bytes -= self._sizes.pop(key, 0)  # a replaced entry gives its bytes back
         if len(self) >= self.max_entries or self.bytes + size > MANIFEST_CACHE_BYTES:
             self.clear()
+            self._sizes.clear()
             self.bytes = 0
         self[key] = value
+        self._sizes[key] = size
         self.bytes += size
 
 
@@ -85,28 +89,31 @@ def _settled(st_ctime_ns: int, read_started_ns: int) -> bool:
 
 
 class ManifestCache:
-    """Parsed manifests (or why a file is not one), keyed on the file's identity."""
+    """Parsed manifests (or why a file is not one), one entry per file (its real path), valid
+    while the file keeps its identity. A file rewritten a thousand times holds one entry, not
+    a thousand: memory follows the tree, not its history."""
 
     def __init__(self, capacity: int = MANIFEST_CACHE_ENTRIES):
         self.capacity = capacity
-        self._entries = BoundedCache(capacity)  # identity -> (verdict, time.time_ns() read began)
+        self._entries = BoundedCache(capacity)  # real path -> (identity, verdict, time.time_ns() read began)
         self.loads = 0  # files read and parsed: a test reads it to prove the cache works
         self._reported = set()
 
-    def peek(self, st: os.stat_result) -> Optional[Union[Manifest, NotAManifest]]:
-        """The verdict on this file if it is known and the file had settled when it was read."""
-        found = self._entries.get(identity(st))
-        if found is not None and _settled(st.st_ctime_ns, found[1]):
-            return found[0]
+    def peek(self, path: str, st: os.stat_result) -> Optional[Union[Manifest, NotAManifest]]:
+        """The verdict on the file at real path `path` if it is known for this identity and the
+        file had settled when it was read."""
+        found = self._entries.get(path)
+        if found is not None and found[0] == identity(st) and _settled(st.st_ctime_ns, found[2]):
+            return found[1]
         return None
 
     def get(self, opened: OpenFile) -> Manifest:
         """The manifest in an open file; NotAManifest if it is not one; OSError if unreadable."""
-        verdict = self.peek(opened.stat)
+        verdict = self.peek(opened.real_path, opened.stat)
         if verdict is None:
             started = time.time_ns()
             verdict = self._load(opened)  # an OSError propagates: nothing remembered
-            self._entries.put(identity(opened.stat), (verdict, started),
+            self._entries.put(opened.real_path, (identity(opened.stat), verdict, started),
                               verdict.size if isinstance(verdict, Manifest) else 0)
         if isinstance(verdict, NotAManifest):
             raise verdict
@@ -306,7 +313,7 @@ class ContentTree:
         """The manifest in a digest-named file, or None if it is not one (or not usable)."""
         try:
             st = os.stat(path)
-            verdict = self.manifests.peek(st)
+            verdict = self.manifests.peek(path, st)
             if verdict is not None:
                 return verdict if isinstance(verdict, Manifest) else None
             with self.bounds.open_regular(path) as opened:

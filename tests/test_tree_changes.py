@@ -410,3 +410,21 @@ def test_a_manifest_changed_while_it_is_read_is_not_judged_and_is_tried_again(bu
     monkeypatch.setattr(treesafety.OpenFile, "read", real_read)
     tag.write_bytes(new)
     assert served(app, "/v2/app/manifests/v1")[:2] == (200, new_digest)
+
+
+def test_memory_follows_the_tree_not_its_history(builder, monkeypatch):
+    # The soak found it: a plain-file tag rewritten by rename kept one cache entry per
+    # version ever served, so a tag re-written all day grew the process without end.
+    monkeypatch.setattr(storage, "SETTLE_SECONDS", 0.0)
+    versions = same_size_manifests(builder, "app")
+    tag = builder.root / "app" / "manifests" / "live"
+    tree = ContentTree(builder.root)
+    app = RegistryApp(tree)
+    for round_number in range(200):
+        data, digest = versions[round_number % 2]
+        staged = tag.with_name(".live.tmp")
+        staged.write_bytes(data)
+        os.utime(staged, ns=(round_number * 10**9, round_number * 10**9))  # a new identity each time
+        os.replace(staged, tag)
+        assert served(app, "/v2/app/manifests/live") == (200, digest, data)
+    assert len(tree.manifests._entries) == 1
