@@ -12,7 +12,7 @@ import json
 from typing import Dict, List
 
 from minimal_registry import manifest as manifests
-from minimal_registry.content import hashing, names
+from minimal_registry.content import hashing, jsonread, names
 from minimal_registry.content.archive import Entry
 from minimal_registry.content.files import SourceFiles
 from minimal_registry.content.pool import Pool, Root
@@ -27,16 +27,13 @@ MAX_CONFIG = 16 * 1024 * 1024
 
 
 def is_docker_archive(files: SourceFiles) -> bool:
-    if not files.exists(MANIFEST_JSON):
-        return False
-    try:
-        return isinstance(files.read_json(MANIFEST_JSON), list)
-    except Fatal:
-        return False
+    """A `manifest.json` (a skopeo `dir:` one is recognised before this is asked): a broken
+    one is then reported for what it is, not as "no known layout"."""
+    return files.exists(MANIFEST_JSON)
 
 
 def read(files: SourceFiles, pool: Pool) -> None:
-    entries = files.read_json(MANIFEST_JSON)
+    entries = jsonread.read_json(files, MANIFEST_JSON)
     if not isinstance(entries, list) or not entries:
         raise Fatal(f"{files.label}: {MANIFEST_JSON} lists no images", "this is not a docker-save archive")
     layer_files: Dict[str, Entry] = {}

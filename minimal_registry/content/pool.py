@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Union
 
 from minimal_registry import manifest as manifests
+from minimal_registry.content import jsonread
 from minimal_registry.content.archive import Entry
 from minimal_registry.content.names import ImageName
 from minimal_registry.fatal import Fatal
@@ -92,13 +93,13 @@ class Pool:
             if found.size > manifests.MAX_MANIFEST_SIZE:
                 raise Fatal(f"{where}: manifest {digest} is {found.size} bytes, over containerd's 4 MiB limit",
                             "this is not an image manifest; check the source")
-            body = found.path.read_bytes()
+            body = jsonread.read_document(found.path, f"{where}: manifest {digest}")
         actual = "sha256:" + hashlib.sha256(body).hexdigest()
         if actual != digest:
             raise Fatal(f"{where}: manifest {digest} does not match its digest (its bytes hash to {actual})",
                         "the source is damaged; pull or copy it again")
         try:
-            parsed = manifests.parse(body)
+            parsed = jsonread.parse_manifest(body)
         except manifests.NotAManifest as problem:
             raise Fatal(f"{where}: {digest} is not a manifest: {problem}", "check the source") from None
         self._manifests[digest] = parsed
