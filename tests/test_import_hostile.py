@@ -480,3 +480,82 @@ def test_a_manifest_in_the_tree_linking_outside_it_is_replaced_by_a_file(tmp_pat
     assert mr(capsys, "import", str(layout), "-d", str(tree)).code == 0
 
     assert not stored.is_symlink() and stored.read_bytes() == hello.data
+
+
+def test_a_member_nested_thousands_of_directories_deep_is_one_clear_line(tmp_path, built):
+    layout = layout_of(tmp_path, built)
+    deep_name = "d/" * 1500 + "x"  # within PATH_MAX, past Python's recursion limit
+    archive = hostile_tar(tmp_path / "deep.tar", layout, [member(deep_name, data=b"x")])
+    tree = tmp_path / "tree"
+    result = mr_process("import", str(archive), "-d", str(tree))
+    assert_refused(result, "deep.tar")
+    assert_no_leftovers(tree)
+
+
+def test_an_archive_with_more_members_than_the_bound_is_refused(tmp_path, built, capsys, monkeypatch):
+    from minimal_registry.content import archive as archive_module
+
+    layout = layout_of(tmp_path, built)
+    archive = hostile_tar(tmp_path / "many.tar", layout, [member(f"empty/{n}") for n in range(60)])
+    assert archive_module.MAX_MEMBERS >= 100_000  # generous: a docker save of many images has thousands
+    monkeypatch.setattr(archive_module, "MAX_MEMBERS", 50)
+    tree = tmp_path / "tree"
+
+    result = mr(capsys, "import", str(archive), "-d", str(tree))
+
+    assert_refused(result, "more than 50 members")
+    assert_no_leftovers(tree)
+
+
+def test_a_source_blob_swapped_for_a_fifo_after_planning_is_refused_not_waited_on(tmp_path, built, capsys,
+                                                                                   monkeypatch):
+    import threading
+    import time
+
+    from minimal_registry.content import importer
+
+    builder, hello = built
+    layout = layout_of(tmp_path, built)
+    layer = layout / "blobs/sha256" / hex_of(hello.layers[0].digest)
+    real_make = importer.plan.make
+
+    def make_then_swap(*args, **kwargs):
+        plans = real_make(*args, **kwargs)
+        layer.unlink()
+        os.mkfifo(layer)
+        return plans
+
+    def unblock_a_waiting_reader():  # bounded: ends the test's wait if the import opens the FIFO
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if not stat.S_ISFIFO(os.stat(layer).st_mode):
+                    raise FileNotFoundError  # not swapped yet
+                fd = os.open(layer, os.O_WRONLY | os.O_NONBLOCK)  # fails until a reader waits
+            except OSError:
+                time.sleep(0.05)
+                continue
+            os.write(fd, b"whatever a writer sends")
+            os.close(fd)
+            return
+
+    monkeypatch.setattr(importer.plan, "make", make_then_swap)
+    helper = threading.Thread(target=unblock_a_waiting_reader, daemon=True)
+    helper.start()
+    result = mr(capsys, "import", str(layout), "-d", str(tmp_path / "tree"))
+    helper.join()
+
+    assert_refused(result, layer.name, "not a regular file")
+
+
+@pytest.mark.parametrize("field", ["Layers", "RepoTags"])
+def test_a_docker_manifest_json_with_nested_lists_for_names_gets_a_short_line(tmp_path, built, field):
+    builder, hello = built
+    saved = docker_save_dir(builder.root, tmp_path / "saved", [hello], [["hello:latest"]],
+                            {hello.layers[0].digest: b"layer"})
+    entries = json.loads((saved / "manifest.json").read_text())
+    entries[0][field] = json.loads(deep(900).decode())
+    (saved / "manifest.json").write_text(json.dumps(entries))
+    result = mr_process("import", str(saved), "-d", str(tmp_path / "tree"))
+    assert_refused(result, "manifest.json entry 0")
+    assert len(result.err) < 400, result.err

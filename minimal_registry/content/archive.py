@@ -28,6 +28,10 @@ from minimal_registry.content.progress import Progress
 from minimal_registry.fatal import Fatal
 
 MAX_LINK_HOPS = 16
+# An OCI layout nests 3 levels, a docker save 2; the K3s airgap archive holds a few hundred
+# members. Far more is an archive built to exhaust inodes, memory or the stack.
+MAX_NAME_DEPTH = 32
+MAX_MEMBERS = 100_000
 # pax headers and GNU long names hold a path and a few attributes: a few KB at most.
 MAX_METADATA = 1024 * 1024
 _METADATA_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
@@ -94,7 +98,10 @@ def stage(archive: Path, staging: Path, quiet: bool = False,
     try:
         with decompress.open_stream(archive, on_bytes=progress.add) as raw:
             with tarfile.open(fileobj=_ReadGuard(raw), mode="r|", tarinfo=_BoundedTarInfo) as tar:
-                for member in tar:
+                for count, member in enumerate(tar, start=1):
+                    if count > MAX_MEMBERS:
+                        raise Fatal(f"{archive} holds more than {MAX_MEMBERS} members",
+                                    "no image archive comes near that; check the archive")
                     if member.isreg() and already_have is not None and already_have(member.name, member.size):
                         continue
                     if member.isreg():
@@ -178,6 +185,9 @@ def _unpack_member(tar: tarfile.TarFile, member: tarfile.TarInfo, staged: Staged
                     "refusing to unpack an archive that writes outside its own directory")
     if name == "":
         return
+    if name.count("/") >= MAX_NAME_DEPTH:
+        raise Fatal(f"{archive}: member {member.name[:80]!r}... nests {name.count('/')} directories deep",
+                    "no image archive nests more than a few levels; check the archive")
     try:
         _write_member(tar, member, name, staged)
     except OSError as error:

@@ -14,7 +14,7 @@ from typing import Dict, List
 from minimal_registry import manifest as manifests
 from minimal_registry.content import hashing, jsonread, names
 from minimal_registry.content.archive import Entry
-from minimal_registry.content.files import SourceFiles
+from minimal_registry.content.files import NotRegular, SourceFiles, open_regular
 from minimal_registry.content.pool import Pool, Root
 from minimal_registry.fatal import Fatal
 
@@ -55,9 +55,12 @@ def read(files: SourceFiles, pool: Pool) -> None:
         body = json.dumps(document, indent=3).encode()
         digest = pool.add_bytes(body)
         image_names: List[names.ImageName] = []
-        for repo_tag in entry.get("RepoTags") or ():
+        repo_tags = entry.get("RepoTags") or ()
+        if not isinstance(repo_tags, list) or not all(isinstance(t, str) for t in repo_tags):
+            raise Fatal(f"{where} has RepoTags that are not a list of names", "give --name NAME --tag TAG")
+        for repo_tag in repo_tags:
             try:
-                image_names.append(names.parse(str(repo_tag)))
+                image_names.append(names.parse(repo_tag))
             except ValueError as problem:
                 raise Fatal(f"{where} has a bad RepoTag {repo_tag!r}: {problem}",
                             "give --name NAME --tag TAG") from None
@@ -65,19 +68,25 @@ def read(files: SourceFiles, pool: Pool) -> None:
 
 
 def _layer(files: SourceFiles, layer_files: Dict[str, Entry], name: object, where: str) -> dict:
-    entry = files.lookup(str(name)) if isinstance(name, str) else None
+    if not isinstance(name, str):
+        raise Fatal(f"{where} lists a layer that is not a file name", "this is not a docker-save archive")
+    entry = files.lookup(name)
     if entry is None:
         raise Fatal(f"{where}: layer {name} is missing from the archive", "the archive is incomplete")
-    digest = entry.digest
-    if digest is None:  # a directory source: hash it now, the copy checks it again
-        digest, _size = hashing.hash_file(entry.path)
-    layer_files[digest] = Entry(entry.path, entry.size, digest, entry.owned)
-    return {"mediaType": _layer_type(entry), "size": entry.size, "digest": digest}
+    try:
+        with open_regular(entry.path) as reader:
+            magic = reader.read(4)
+            reader.seek(0)
+            digest, size = entry.digest, entry.size
+            if digest is None:  # a directory source: hash it now, the copy checks it again
+                digest, size = hashing.hash_open_file(reader)
+    except NotRegular as problem:
+        raise Fatal(f"{where}: layer {name} is {problem}, not a regular file", "check the source") from None
+    layer_files[digest] = Entry(entry.path, size, digest, entry.owned)
+    return {"mediaType": _layer_type(magic), "size": size, "digest": digest}
 
 
-def _layer_type(entry: Entry) -> str:
-    with open(entry.path, "rb") as head:
-        magic = head.read(4)
+def _layer_type(magic: bytes) -> str:
     if magic.startswith(b"\x1f\x8b"):
         return LAYER_GZIP
     if magic.startswith(b"\x28\xb5\x2f\xfd"):

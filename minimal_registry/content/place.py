@@ -66,10 +66,16 @@ class Placer:
     def _copy(self, source: Entry, final: Path, digest: str, where: str) -> None:
         temporary = atomic.temp_path(final)
         try:
-            with open(source.path, "rb") as reader, open(temporary, "xb") as out:
-                actual, _ = hashing.copy_hashed(reader, out)
-                out.flush()
-                os.fsync(out.fileno())
+            try:
+                reader = files.open_regular(source.path)
+                with reader as opened, open(temporary, "xb") as out:
+                    # One byte past the expected size is enough to know a file that grew is wrong.
+                    actual, _ = hashing.copy_hashed(opened, out, limit=source.size + 1)
+                    out.flush()
+                    os.fsync(out.fileno())
+            except files.NotRegular as problem:
+                raise Fatal(f"{where}: {source.path} is now {problem}, not a regular file",
+                            "something changed the source during the import; run it again") from None
             _check(digest, actual, f"{where} ({source.path})")
             os.replace(temporary, final)
         except BaseException:
