@@ -113,6 +113,56 @@ need_value() {
     [ "$2" -ge 2 ] || fatal "$1 needs a value (see --help)"
 }
 
+# Refuse, before anything is written, values that would break a later step half-way: an
+# option where a value belongs (`-o -x`), a newline or tab in a path (the media's file list
+# is NAME<TAB>PATH lines). Arguments: FLAG VALUE pairs; empty values are not given.
+verify_arg_values() {
+    local flag value shown
+    while [ "$#" -ge 2 ]; do
+        flag=$1
+        value=$2
+        shift 2
+        shown=${value//$'\n'/\\n}
+        shown=${shown//$'\t'/\\t}
+        case "${value}" in
+            -*) fatal "${flag} needs a value, not the option '${value}' (write ./${value} for a path starting with -)" ;;
+            *$'\n'* | *$'\t'*) fatal "${flag} '${shown}' has a newline or tab in its name: rename it" ;;
+        esac
+    done
+}
+
+# An absolute path for PATH, relative to where the script was started (so that `-m
+# minimal-registry` is that file, never a command found on PATH).
+absolute_path() {
+    case "$1" in
+        /* | "") printf '%s' "$1" ;;
+        *) printf '%s/%s' "${PWD}" "$1" ;;
+    esac
+}
+
+# The physical path of PATH, which may not exist yet: its deepest existing directory with
+# symlinks resolved, then the rest as given.
+physical_path() {
+    local path=$1 rest=
+    while [ "${path}" != / ] && [ "${path%/}" != "${path}" ]; do
+        path=${path%/}
+    done
+    while [ ! -d "${path}" ]; do
+        rest=/${path##*/}${rest}
+        path=$(dirname -- "${path}")
+    done
+    printf '%s%s' "$(cd -P -- "${path}" && pwd -P)" "${rest}"
+}
+
+# The media must not be the content tree or inside it: the archive would pack itself.
+verify_media_outside_tree() {
+    local media
+    media=$(physical_path "${OUT}")
+    case "${media}/" in
+        "${TREE}/"*) fatal "the media directory ${OUT} is inside the content tree ${TREE}: give -o outside it" ;;
+    esac
+}
+
 # --- step: arguments ---
 parse_args() {
     while [ "$#" -gt 0 ]; do
@@ -138,6 +188,8 @@ parse_args() {
         shift
     done
     [ -n "${OUT}" ] || fatal "give the media directory with -o DIR"
+    verify_arg_values -o "${OUT}" -r "${TREE}" -b "${BUNDLE}" -k "${K3S_BIN}" -i "${INSTALL_SH}" \
+        -m "${REGISTRY_BIN}" -y "${REGISTRIES_YAML}" --cache "${CACHE}" -v "${VERSION}"
     if [ -n "${TREE}" ] && [ -n "${BUNDLE}" ]; then
         fatal "give either a content tree (-r DIR) or a bundle (-b FILE), not both"
     fi
@@ -157,14 +209,28 @@ parse_args() {
         VERSION=stable
     fi
     case "${VERSION}" in
-        "" | stable | latest | v[0-9]*) ;;
-        *) fatal "-v takes a K3s version like v1.31.4+k3s1, or stable or latest; not '${VERSION}'" ;;
+        "" | stable | latest) ;;
+        *) is_version "${VERSION}" || fatal "-v takes a K3s version like v1.31.4+k3s1, or stable or latest; not '${VERSION}'" ;;
     esac
     if [ "${VERSION}" = stable ] || [ "${VERSION}" = latest ]; then
         [ "${DOWNLOAD}" = true ] || fatal "-v ${VERSION} is resolved through the network: add --download, or give the version"
     fi
     CACHE=${CACHE:-${XDG_CACHE_HOME:-${HOME}/.cache}/minimal-registry/k3s}
     REGISTRY_BIN=${REGISTRY_BIN:-${ROOT_DIR}/dist/minimal-registry-linux-${ARCH}}
+    OUT=$(absolute_path "${OUT}")
+    TREE=$(absolute_path "${TREE}")
+    BUNDLE=$(absolute_path "${BUNDLE}")
+    K3S_BIN=$(absolute_path "${K3S_BIN}")
+    INSTALL_SH=$(absolute_path "${INSTALL_SH}")
+    REGISTRY_BIN=$(absolute_path "${REGISTRY_BIN}")
+    REGISTRIES_YAML=$(absolute_path "${REGISTRIES_YAML}")
+    CACHE=$(absolute_path "${CACHE}")
+}
+
+# A K3s version: v, a digit, then only what release names hold (v1.31.4+k3s1, v1.30.0-rc1+k3s1).
+# Anything else would reach sed, URLs and cache paths.
+is_version() {
+    [[ "$1" =~ ^v[0-9][0-9A-Za-z.+-]*$ ]] && [[ "$1" != *..* ]]
 }
 
 # --- step: tools ---
@@ -229,10 +295,7 @@ resolve_version() {
         -o /dev/null -w '%{url_effective}' -- "${url}") || fatal "cannot resolve the ${VERSION} K3s version from ${url}"
     effective=${effective##*/}
     effective=${effective//%2B/+}
-    case "${effective}" in
-        v[0-9]*) ;;
-        *) fatal "the channel ${url} did not lead to a version (got '${effective}')" ;;
-    esac
+    is_version "${effective}" || fatal "the channel ${url} did not lead to a version (got '${effective}')"
     info "K3s ${VERSION} is ${effective}"
     VERSION=${effective}
 }
@@ -333,7 +396,8 @@ verify_inputs() {
     if [ -n "${TREE}" ]; then
         [ -d "${TREE}" ] || fatal "content tree ${TREE} does not exist"
         [ -d "${TREE}/blobs" ] || fatal "${TREE} is not a content tree (it has no blobs/)"
-        TREE=$(cd "${TREE}" && pwd)
+        TREE=$(cd -P -- "${TREE}" && pwd -P)
+        verify_media_outside_tree
     else
         [ -f "${BUNDLE}" ] || fatal "bundle ${BUNDLE} does not exist"
         case "${BUNDLE}" in
@@ -451,11 +515,13 @@ write_archive() {
     fi
     info "packing ${TREE} into ${ARCHIVE}"
     # Deterministic: sorted names, fixed owner, mode bits and mtime, no host metadata;
-    # the tree's own directory name becomes registry/.
+    # the tree's own directory name becomes registry/. Not packed: what an interrupted
+    # import leaves (.import-* staging directories, .tmp-* temporary names).
     LC_ALL=C tar -c -f - -C "${TREE}" \
         --format=gnu --sort=name --numeric-owner --owner=0 --group=0 \
         --mtime="@${SOURCE_DATE_EPOCH:-0}" --mode='u+rwX,go+rX,go-w' \
         --no-acls --no-selinux --no-xattrs \
+        --exclude='.import-*' --exclude='.tmp-*' \
         --transform='s,^\.,registry,S' . \
         | "${compress[@]}" >"${STAGE}/${ARCHIVE}"
 }
