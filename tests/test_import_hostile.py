@@ -559,3 +559,20 @@ def test_a_docker_manifest_json_with_nested_lists_for_names_gets_a_short_line(tm
     result = mr_process("import", str(saved), "-d", str(tmp_path / "tree"))
     assert_refused(result, "manifest.json entry 0")
     assert len(result.err) < 400, result.err
+
+
+@pytest.mark.parametrize("linked", ["library", "library/hello/manifests", "blobs"])
+def test_a_tree_directory_that_links_outside_the_tree_is_never_written_through(tmp_path, built, capsys, linked):
+    layout = layout_of(tmp_path, built)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    link = tree / linked
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(outside)
+
+    result = mr(capsys, "import", str(layout), "-d", str(tree))
+
+    assert_refused(result, linked, "symlink")
+    assert list(outside.iterdir()) == []

@@ -42,7 +42,7 @@ class Placer:
             return KEPT
         if source is None:
             raise Fatal(f"blob {digest} vanished from the tree during the import", "run the import again")
-        final.parent.mkdir(parents=True, exist_ok=True)
+        self._real_directory(final.parent)
         if isinstance(source, bytes):
             _check(digest, "sha256:" + hashlib.sha256(source).hexdigest(), where)
             atomic.write_bytes(final, source)
@@ -90,7 +90,7 @@ class Placer:
     def repository(self, name: str, namespace: Optional[str]) -> Path:
         """Make `[<ns>/]<name>/manifests` and a `blobs -> ../blobs` link at every level."""
         manifests = layout.manifests_dir(self.tree, name, namespace)
-        manifests.mkdir(parents=True, exist_ok=True)
+        self._real_directory(manifests)
         level = self.tree
         relative = layout.repository_dir(self.tree, name, namespace).relative_to(self.tree)
         for part in relative.parts:
@@ -126,6 +126,29 @@ class Placer:
         atomic.symlink(final, digest)
         self.touched_dirs.add(manifests)
         return state
+
+    def _real_directory(self, directory: Path) -> None:
+        """Make `directory` (inside the tree) a directory, refusing any symlink on the way.
+
+        The import writes only through real directories below the tree's root: a
+        `manifests` or repository directory linking elsewhere would have it write there.
+        (The tree's root itself may be a link; the `blobs -> ../blobs` links are never
+        written through.)
+        """
+        level = self.tree
+        for part in directory.relative_to(self.tree).parts:
+            level = level / part
+            try:
+                os.mkdir(level)
+                self.touched_dirs.add(level.parent)
+                continue
+            except FileExistsError:
+                pass
+            if os.path.islink(level) or not os.path.isdir(level):
+                what = "a symlink" if os.path.islink(level) else "not a directory"
+                raise Fatal(f"{level.relative_to(self.tree)} in the tree {self.tree} is {what}: "
+                            "the import writes only into real directories of the tree",
+                            "move it away (its content is not what the tree should hold) and import again")
 
     def sync(self) -> None:
         atomic.fsync_dirs(self.touched_dirs)
