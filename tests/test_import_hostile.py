@@ -576,3 +576,20 @@ def test_a_tree_directory_that_links_outside_the_tree_is_never_written_through(t
 
     assert_refused(result, linked, "symlink")
     assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize("size", [-1, 2 ** 63, 10 ** 30, True, 1.5, "12"])
+def test_a_blob_descriptor_with_a_bad_size_is_one_line(tmp_path, built, size):
+    builder, hello = built
+    layout = layout_of(tmp_path, built)
+    document = json.loads(hello.data)
+    document["layers"][0]["size"] = size
+    body = json.dumps(document).encode()
+    set_index(layout, [{"mediaType": imagetree.OCI_MANIFEST, "digest": put_blob(layout, body), "size": len(body),
+                        "annotations": containerd_name(HELLO)}])
+    tree = tmp_path / "tree"
+
+    result = mr_process("import", str(layout), "-d", str(tree))
+
+    assert_refused(result, "minimal-registry: ")  # the size is refused or disagrees with the blob's
+    assert not (tree / "library/hello/manifests/latest").exists()
