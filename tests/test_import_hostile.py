@@ -593,3 +593,38 @@ def test_a_blob_descriptor_with_a_bad_size_is_one_line(tmp_path, built, size):
 
     assert_refused(result, "minimal-registry: ")  # the size is refused or disagrees with the blob's
     assert not (tree / "library/hello/manifests/latest").exists()
+
+
+@pytest.mark.parametrize("media_type", ["application/vnd.oci.image.manifest.v1+json\r\nX-Injected: 1",
+                                        "application/vnd.oci.image.manifest.v1+json\u2028",
+                                        "application/vnd.oci.image.manifest.v1+json\u0151"])
+def test_a_manifest_whose_media_type_cannot_be_a_header_is_not_a_manifest(tmp_path, built, media_type):
+    builder, hello = built
+    layout = layout_of(tmp_path, built)
+    document = json.loads(hello.data)
+    document["mediaType"] = media_type
+    body = json.dumps(document).encode()
+    set_index(layout, [{"mediaType": imagetree.OCI_MANIFEST, "digest": put_blob(layout, body), "size": len(body),
+                        "annotations": containerd_name(HELLO)}])
+    tree = tmp_path / "tree"
+
+    result = mr_process("import", str(layout), "-d", str(tree))
+
+    assert_refused(result, "not a manifest", "mediaType")
+    assert not (tree / "library/hello/manifests/latest").exists()
+
+
+def test_platform_names_with_control_characters_stay_on_one_line(tmp_path, built, capsys):
+    builder, hello = built
+    layout = layout_of(tmp_path, built)
+    child = {"mediaType": hello.media_type, "digest": hello.digest, "size": hello.size,
+             "platform": {"os": "linux", "architecture": "amd64\nimported evil/image:latest"}}
+    body = json.dumps({"schemaVersion": 2, "mediaType": imagetree.OCI_INDEX, "manifests": [child]}).encode()
+    set_index(layout, [{"mediaType": imagetree.OCI_INDEX, "digest": put_blob(layout, body), "size": len(body),
+                        "annotations": containerd_name(HELLO)}])
+
+    result = mr(capsys, "import", str(layout), "-d", str(tmp_path / "tree"))
+
+    assert result.code == 0, result
+    assert len(result.out.splitlines()) == 1, result.out
+    assert "amd64\\nimported" in result.out

@@ -30,11 +30,17 @@ def loads(body: bytes, what: str):
 
 
 def parse_manifest(body: bytes) -> manifests.Manifest:
-    """`manifest.parse`, with deep nesting reported as NotAManifest like any other bad shape."""
+    """`manifest.parse`, with deep nesting reported as NotAManifest like any other bad shape,
+    and a `mediaType` that cannot be sent as a Content-Type header (control characters,
+    CR/LF, anything not printable ASCII) refused: the server could not serve it."""
     try:
-        return manifests.parse(body)
+        parsed = manifests.parse(body)
     except RecursionError:
         raise manifests.NotAManifest(TOO_DEEP) from None
+    if not all(" " <= c <= "~" for c in parsed.media_type):
+        raise manifests.NotAManifest(f"its mediaType {parsed.media_type[:100]!r} is not printable ASCII, "
+                                     "so it cannot be a Content-Type")
+    return parsed
 
 
 def read_document(path: Path, what: str) -> bytes:
