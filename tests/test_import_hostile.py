@@ -628,3 +628,22 @@ def test_platform_names_with_control_characters_stay_on_one_line(tmp_path, built
     assert result.code == 0, result
     assert len(result.out.splitlines()) == 1, result.out
     assert "amd64\\nimported" in result.out
+
+
+def test_staging_left_by_a_killed_import_is_removed_by_the_next(tmp_path, built, capsys):
+    import subprocess as sp
+    import sys
+
+    layout = layout_of(tmp_path, built)
+    tree = tmp_path / "tree"
+    gone = sp.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tree / f".import-{gone.stdout.strip()}-0badcafe"
+    (dead / "blobs/sha256").mkdir(parents=True)
+    (dead / "blobs/sha256" / ("0" * 64)).write_bytes(b"half of a killed import")
+    alive = tree / f".import-{os.getpid()}-0badcafe"  # a running import's: not touched
+    alive.mkdir()
+
+    result = mr(capsys, "import", str(layout), "-d", str(tree))
+
+    assert result.code == 0, result
+    assert not dead.exists() and alive.exists()

@@ -47,6 +47,7 @@ def read_sources(paths: List[Path], tree: Path, pool: Pool, quiet: bool = False,
     """Read every source into `pool`; staged archives live until the block ends."""
     staging_dirs: List[Path] = []
     tree_blobs = tree_blobs or TreeBlobs(tree)
+    remove_stale_staging(tree)
     try:
         for path in paths:
             read_one(path, tree, pool, staging_dirs, quiet, tree_blobs)
@@ -54,6 +55,31 @@ def read_sources(paths: List[Path], tree: Path, pool: Pool, quiet: bool = False,
     finally:
         for staging in staging_dirs:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_stale_staging(tree: Path) -> None:
+    """Remove the staging directories of imports that were killed (SIGKILL, power cut):
+    `.import-<pid>-<random>` whose process no longer runs. A live pid's is left alone,
+    even if the pid now belongs to another program: removing too little is harmless."""
+    try:
+        names = [entry.name for entry in os.scandir(tree) if entry.name.startswith(STAGING_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if not pid.isascii() or not pid.isdigit() or _running(int(pid)):
+            continue
+        shutil.rmtree(tree / name, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # exists but not ours, or not a pid at all: leave it
+    return True
 
 
 def read_one(path: Path, tree: Path, pool: Pool, staging_dirs: List[Path], quiet: bool,
