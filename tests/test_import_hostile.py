@@ -647,3 +647,19 @@ def test_staging_left_by_a_killed_import_is_removed_by_the_next(tmp_path, built,
 
     assert result.code == 0, result
     assert not dead.exists() and alive.exists()
+
+
+def test_sources_whose_manifests_add_up_past_the_bound_are_refused(tmp_path, built, capsys, monkeypatch):
+    """Each manifest is at most 4 MiB, but thousands of them would all be held in memory."""
+    from minimal_registry.content import pool as pool_module
+
+    builder, hello = built
+    layout = layout_of(tmp_path, built)
+    top, total = nested_fan_out(layout, hello, levels=3, fan=100)
+    set_index(layout, [dict(top, annotations=containerd_name(HELLO))])
+    assert pool_module.MAX_MANIFEST_BYTES >= 256 * 1024 * 1024
+    monkeypatch.setattr(pool_module, "MAX_MANIFEST_BYTES", total // 2)
+
+    result = mr(capsys, "import", str(layout), "-d", str(tmp_path / "tree"))
+
+    assert_refused(result, "manifests add up to more than")

@@ -18,6 +18,9 @@ from minimal_registry.content.names import ImageName
 from minimal_registry.fatal import Fatal
 
 Store = Callable[[str], Optional[Entry]]
+# Every manifest read is kept (parsed and as bytes) until the import ends: each is at most
+# 4 MiB, and all of them together at most this. The K3s airgap set's add up to well under 1 MiB.
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 
 
 class MissingContent(Fatal):
@@ -48,6 +51,7 @@ class Pool:
         self._stores: List[Store] = []
         self._data: Dict[str, bytes] = {}
         self._manifests: Dict[str, manifests.Manifest] = {}
+        self._manifest_bytes = 0
         self.roots: List[Root] = []
 
     # ----- filling ---------------------------------------------------------------------
@@ -102,5 +106,9 @@ class Pool:
             parsed = jsonread.parse_manifest(body)
         except manifests.NotAManifest as problem:
             raise Fatal(f"{where}: {digest} is not a manifest: {problem}", "check the source") from None
+        self._manifest_bytes += len(body)
+        if self._manifest_bytes > MAX_MANIFEST_BYTES:
+            raise Fatal(f"{where}: the sources' manifests add up to more than {MAX_MANIFEST_BYTES} bytes",
+                        "no real set of images comes near that; check where the source came from")
         self._manifests[digest] = parsed
         return parsed
