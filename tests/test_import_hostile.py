@@ -663,3 +663,22 @@ def test_sources_whose_manifests_add_up_past_the_bound_are_refused(tmp_path, bui
     result = mr(capsys, "import", str(layout), "-d", str(tmp_path / "tree"))
 
     assert_refused(result, "manifests add up to more than")
+
+
+@pytest.mark.parametrize("kind", ["socket", "device"])
+def test_a_socket_or_device_as_source_is_named_for_what_it_is(tmp_path, kind):
+    import socket
+
+    if kind == "socket":
+        source = tmp_path / "images.sock"
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(source))
+        expected = "a socket"
+    else:
+        source, expected = Path("/dev/zero"), "a character device"
+    try:
+        result = mr_process("import", str(source), "-d", str(tmp_path / "tree"), timeout=60)
+    finally:
+        if kind == "socket":
+            listener.close()
+    assert_refused(result, str(source), expected)

@@ -7,6 +7,7 @@ source: `..`, absolute names and, in a directory, symlinks leading out are refus
 crafted source cannot have `/etc/shadow` imported as a layer. Only regular files are read.
 """
 
+import errno
 import os
 import stat
 from contextlib import contextmanager
@@ -40,7 +41,12 @@ def open_regular(path: Path, follow_links: bool = True) -> Iterator[BinaryIO]:
     Without `follow_links`, a symlink fails with ELOOP.
     """
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
-    fd = os.open(path, flags)
+    try:
+        fd = os.open(path, flags)
+    except OSError as error:
+        if error.errno != errno.ENXIO:
+            raise
+        raise NotRegular(kind_of(os.stat(path).st_mode)) from None  # a socket cannot be opened
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
