@@ -682,3 +682,15 @@ def test_a_socket_or_device_as_source_is_named_for_what_it_is(tmp_path, kind):
         if kind == "socket":
             listener.close()
     assert_refused(result, str(source), expected)
+
+
+@pytest.mark.parametrize("field", ["Layers", "Config"])
+def test_a_file_name_with_a_newline_in_manifest_json_stays_on_one_line(tmp_path, built, field):
+    builder, hello = built
+    saved = docker_save_dir(builder.root, tmp_path / "saved", [hello], [["hello:latest"]],
+                            {hello.layers[0].digest: b"layer"})
+    entries = json.loads((saved / "manifest.json").read_text())
+    entries[0][field] = ["layer\n[ERROR] forged"] if field == "Layers" else "config\n[ERROR] forged"
+    (saved / "manifest.json").write_text(json.dumps(entries))
+    result = mr_process("import", str(saved), "-d", str(tmp_path / "tree"))
+    assert_refused(result, "missing")

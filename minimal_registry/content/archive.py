@@ -86,7 +86,7 @@ def is_tar(path: Path) -> bool:
 
 def stage(archive: Path, staging: Path, quiet: bool = False,
           already_have: Optional[Callable[[str, int], bool]] = None,
-          size_limits: Mapping[str, int] = {}) -> StagedArchive:
+          size_limits: Optional[Mapping[str, int]] = None) -> StagedArchive:
     """Unpack `archive` into the (new, empty) directory `staging`.
 
     `already_have(name, size)`: members it says yes to are read past, not written (content
@@ -105,7 +105,7 @@ def stage(archive: Path, staging: Path, quiet: bool = False,
                     if member.isreg() and already_have is not None and already_have(member.name, member.size):
                         continue
                     if member.isreg():
-                        _check_room(archive, staging, member, size_limits)
+                        _check_room(archive, staging, member, size_limits or {})
                     _unpack_member(tar, member, staged, archive)
                     progress.tick()
         progress.done = progress.total  # the tar's end padding is never read
@@ -145,13 +145,13 @@ def _check_room(archive: Path, staging: Path, member: tarfile.TarInfo, size_limi
     name = _normalise(member.name)
     limit = size_limits.get(name) if name is not None else None
     if limit is not None and member.size > limit:
-        raise Fatal(f"{archive}: member {name} is {member.size} bytes, over its {_limit_text(limit)} limit",
+        raise Fatal(f"{archive}: member {name!r} is {member.size} bytes, over its {_limit_text(limit)} limit",
                     "no real image archive holds one that big; check the archive")
     if member.size > 0:
         usage = os.statvfs(staging)
         free = usage.f_bavail * usage.f_frsize
         if member.size > free:
-            raise Fatal(f"{archive}: member {member.name} needs {human_bytes(member.size)}, "
+            raise Fatal(f"{archive}: member {member.name!r} needs {human_bytes(member.size)}, "
                         f"the tree's filesystem has {human_bytes(free)} free",
                         "free space where the content tree is, or check the archive")
 
@@ -208,7 +208,7 @@ def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, name: str, stag
         with open(target, "wb") as out:
             digest, size = hashing.copy_hashed(source, out)
         if size != member.size:
-            raise _ReadProblem(f"{member.name} ends after {size} of {member.size} bytes")
+            raise _ReadProblem(f"{member.name!r} ends after {size} of {member.size} bytes")
         staged.files[name] = Entry(target, size, digest, owned=True)
     elif member.issym():
         link = member.linkname

@@ -14,7 +14,7 @@ from typing import Dict, List
 from minimal_registry import manifest as manifests
 from minimal_registry.content import hashing, jsonread, names
 from minimal_registry.content.archive import Entry
-from minimal_registry.content.files import NotRegular, SourceFiles, open_regular
+from minimal_registry.content.files import NotRegular, SourceFiles, open_regular, printable
 from minimal_registry.content.pool import Pool, Root
 from minimal_registry.fatal import Fatal
 
@@ -72,7 +72,7 @@ def _layer(files: SourceFiles, layer_files: Dict[str, Entry], name: object, wher
         raise Fatal(f"{where} lists a layer that is not a file name", "this is not a docker-save archive")
     entry = files.lookup(name)
     if entry is None:
-        raise Fatal(f"{where}: layer {name} is missing from the archive", "the archive is incomplete")
+        raise Fatal(f"{where}: layer {printable(name)} is missing from the archive", "the archive is incomplete")
     try:
         with open_regular(entry.path) as reader:
             magic = reader.read(4)
@@ -81,7 +81,7 @@ def _layer(files: SourceFiles, layer_files: Dict[str, Entry], name: object, wher
             if digest is None:  # a directory source: hash it now, the copy checks it again
                 digest, size = hashing.hash_open_file(reader)
     except NotRegular as problem:
-        raise Fatal(f"{where}: layer {name} is {problem}, not a regular file", "check the source") from None
+        raise Fatal(f"{where}: layer {printable(name)} is {problem}, not a regular file", "check the source") from None
     layer_files[digest] = Entry(entry.path, size, digest, entry.owned)
     return {"mediaType": _layer_type(magic), "size": size, "digest": digest}
 

@@ -28,6 +28,11 @@ _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat
           (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"))
 
 
+def printable(text: str) -> str:
+    """`text` with control characters escaped: a name from a source never breaks a line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def kind_of(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
@@ -78,7 +83,7 @@ class SourceFiles:
                 return None
             real, inside = os.path.realpath(path), os.path.realpath(self._directory)
             if os.path.commonpath([real, inside]) != inside:
-                raise Fatal(f"{self.label}: {name} is a link to {real}, outside the source",
+                raise Fatal(f"{self.label}: {printable(name)} is a link to {real}, outside the source",
                             "refusing a source that points at files outside itself")
             return Entry(path, path.stat().st_size)
         except OSError:
@@ -90,15 +95,15 @@ class SourceFiles:
     def read_bytes(self, name: str, limit: int = MAX_JSON) -> bytes:
         entry = self.lookup(name)
         if entry is None:
-            raise Fatal(f"{self.label}: {name} is missing", "the source is incomplete")
+            raise Fatal(f"{self.label}: {printable(name)} is missing", "the source is incomplete")
         if entry.size > limit:
-            raise Fatal(f"{self.label}: {name} is {entry.size} bytes, too big to be what it claims",
+            raise Fatal(f"{self.label}: {printable(name)} is {entry.size} bytes, too big to be what it claims",
                         "check the source")
         try:
             with open_regular(entry.path) as reader:
                 data = reader.read(limit + 1)
         except NotRegular as problem:
-            raise Fatal(f"{self.label}: {name} is {problem}, not a regular file", "check the source") from None
+            raise Fatal(f"{self.label}: {printable(name)} is {problem}, not a regular file", "check the source") from None
         if len(data) > limit:
-            raise Fatal(f"{self.label}: {name} grew past {limit} bytes while it was read", "check the source")
+            raise Fatal(f"{self.label}: {printable(name)} grew past {limit} bytes while it was read", "check the source")
         return data

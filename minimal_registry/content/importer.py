@@ -14,6 +14,7 @@ from typing import Iterator, List, Optional
 from minimal_registry.content import place, plan, platforms
 from minimal_registry.content import sources as source_kinds
 from minimal_registry.content.pool import Pool
+from minimal_registry.content.files import printable
 from minimal_registry.content.formatting import human_bytes, short_media_type
 from minimal_registry.content.intact import TreeBlobs
 from minimal_registry.fatal import Fatal
@@ -87,14 +88,9 @@ def _place(tree: Path, plans: List[plan.ImagePlan], tree_blobs: TreeBlobs) -> It
 
 def _listed(labels, shown: int = 10) -> str:
     """At most `shown` of `labels`: an index may list thousands (the line stays one line)."""
-    labels = [_printable(label) for label in labels]
+    labels = [printable(label) for label in labels]
     more = f" and {len(labels) - shown} more" if len(labels) > shown else ""
     return ", ".join(labels[:shown]) + more
-
-
-def _printable(text: str) -> str:
-    """`text` with control characters escaped: a platform name from a source is never a line break."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _summary(image: plan.ImagePlan, state: str, new_blobs: int, repaired: int, new_manifests: int) -> str:
