@@ -642,11 +642,16 @@ def test_staging_left_by_a_killed_import_is_removed_by_the_next(tmp_path, built,
     (dead / "blobs/sha256" / ("0" * 64)).write_bytes(b"half of a killed import")
     alive = tree / f".import-{os.getpid()}-0badcafe"  # a running import's: not touched
     alive.mkdir()
+    recent = tree / f".import-{gone.stdout.strip()}-5eedcafe"  # maybe another pid namespace's
+    recent.mkdir()
+    two_hours_ago = os.stat(dead).st_mtime - 7200
+    for old in (dead, alive):
+        os.utime(old, (two_hours_ago, two_hours_ago))
 
     result = mr(capsys, "import", str(layout), "-d", str(tree))
 
     assert result.code == 0, result
-    assert not dead.exists() and alive.exists()
+    assert not dead.exists() and alive.exists() and recent.exists()
 
 
 def test_sources_whose_manifests_add_up_past_the_bound_are_refused(tmp_path, built, capsys, monkeypatch):

@@ -20,6 +20,7 @@ import json
 import os
 import secrets
 import shutil
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -35,6 +36,7 @@ from minimal_registry.content.pool import Pool, Root
 from minimal_registry.fatal import Fatal
 
 STAGING_PREFIX = ".import-"
+STALE_STAGING_SECONDS = 3600
 SKOPEO_DIR_VERSION = "version"
 SKOPEO_DIR_MANIFEST = "manifest.json"
 KINDS_HINT = ("give an OCI layout directory, an OCI or docker-save archive (plain, .gz or .zst), "
@@ -59,17 +61,24 @@ def read_sources(paths: List[Path], tree: Path, pool: Pool, quiet: bool = False,
 
 def remove_stale_staging(tree: Path) -> None:
     """Remove the staging directories of imports that were killed (SIGKILL, power cut):
-    `.import-<pid>-<random>` whose process no longer runs. A live pid's is left alone,
-    even if the pid now belongs to another program: removing too little is harmless."""
+    `.import-<pid>-<random>` whose process no longer runs and that nothing changed for an
+    hour (an import in another pid namespace, a container, has a pid we cannot see). A live
+    pid's is left alone, even if the pid now belongs to another program: removing too
+    little is harmless."""
     try:
-        names = [entry.name for entry in os.scandir(tree) if entry.name.startswith(STAGING_PREFIX)]
+        entries = [entry for entry in os.scandir(tree) if entry.name.startswith(STAGING_PREFIX)]
     except OSError:
         return
-    for name in names:
-        pid = name[len(STAGING_PREFIX):].split("-", 1)[0]
+    for entry in entries:
+        pid = entry.name[len(STAGING_PREFIX):].split("-", 1)[0]
         if not pid.isascii() or not pid.isdigit() or _running(int(pid)):
             continue
-        shutil.rmtree(tree / name, ignore_errors=True)
+        try:
+            if time.time() - entry.stat(follow_symlinks=False).st_mtime < STALE_STAGING_SECONDS:
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(tree / entry.name, ignore_errors=True)
 
 
 def _running(pid: int) -> bool:
