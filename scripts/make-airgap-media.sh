@@ -24,8 +24,9 @@
 # changed (and says "nothing to do" when none did), then syncs the media.
 #
 # Options:
-#   -o DIR           the media directory (created if missing)
-#   -r DIR           the content tree to pack (from download-system-images.sh)
+#   -o DIR           the media directory (created if missing; not inside the content tree)
+#   -r DIR           the content tree to pack (from download-system-images.sh); an
+#                    interrupted import's .import-* and .tmp-* leftovers are not packed
 #   -b FILE          an existing bundle (registry.tar.gz or registry.tar.zst) to copy as is
 #   --arch ARCH      amd64 or arm64 (default: this host's)
 #   -v VERSION       K3s version, e.g. v1.31.4+k3s1, or stable / latest (resolved through
