@@ -699,3 +699,17 @@ def test_a_file_name_with_a_newline_in_manifest_json_stays_on_one_line(tmp_path,
     (saved / "manifest.json").write_text(json.dumps(entries))
     result = mr_process("import", str(saved), "-d", str(tmp_path / "tree"))
     assert_refused(result, "missing")
+
+
+@pytest.mark.parametrize("config", [b"not json at all", b"[1, 2, 3]", b'{"a": ' + deep(990) + b"}"])
+def test_a_docker_save_config_that_is_not_a_json_object_is_refused(tmp_path, built, config):
+    """containerd would fail on it at pull time, on the node: refuse it where it can be fixed."""
+    builder, hello = built
+    saved = docker_save_dir(builder.root, tmp_path / "saved", [hello], [["hello:latest"]],
+                            {hello.layers[0].digest: b"layer"})
+    entries = json.loads((saved / "manifest.json").read_text())
+    (saved / entries[0]["Config"]).write_bytes(config)
+    tree = tmp_path / "tree"
+    result = mr_process("import", str(saved), "-d", str(tree))
+    assert_refused(result, entries[0]["Config"])
+    assert not (tree / "library/hello/manifests/latest").exists()

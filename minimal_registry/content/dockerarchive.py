@@ -44,6 +44,10 @@ def read(files: SourceFiles, pool: Pool) -> None:
                 or not isinstance(entry.get("Layers"), list):
             raise Fatal(f"{where} has no Config and Layers", "this is not a docker-save archive")
         config = files.read_bytes(entry["Config"], limit=MAX_CONFIG)
+        config_where = f"{files.label}: {printable(entry['Config'])}"
+        if not isinstance(jsonread.loads(config, config_where), dict):
+            raise Fatal(f"{config_where} is not a JSON object, so not an image config",
+                        "this is not a docker-save archive, or it is damaged")
         config_digest = pool.add_bytes(config)
         layers = [_layer(files, layer_files, name, where) for name in entry["Layers"]]
         document = {
