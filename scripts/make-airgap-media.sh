@@ -456,9 +456,10 @@ verify_content() {
             command -v zstd >/dev/null 2>&1 || fatal "checking ${BUNDLE} needs zstd"
             zstd -dcq -- "${BUNDLE}"
             ;;
-    esac | tar -t -f - >"${listing}" || fatal "${BUNDLE} is not a complete archive"
+    esac | tar -t -P -f - >"${listing}" || fatal "${BUNDLE} is not a complete archive"
     grep -q '^registry/blobs/' "${listing}" || fatal "${BUNDLE} holds no registry/blobs/: not a content bundle"
-    if grep -v -q -E '^registry(/|$)' "${listing}"; then
+    # -P lists names as stored: an absolute name or a `..` would land outside registry/.
+    if grep -v -q -E '^registry(/|$)' "${listing}" || grep -q -E '(^|/)\.\.(/|$)' "${listing}"; then
         fatal "${BUNDLE} holds files outside registry/"
     fi
 }

@@ -149,3 +149,21 @@ def test_install_node_refuses_an_odd_root(media, inputs, tmp_path, value):
     assert_refused(result, "--root")
     assert not [p for p in tmp_path.iterdir() if p.name not in ("inputs", "src", "media")]
     assert not Path(os.environ.get("OLDPWD", "/nonexistent"), "usr/local/bin/k3s").exists()
+
+
+@pytest.mark.parametrize("bad", ["registry/../escaped", "registry/blobs/../../../etc/cron.d/x", "/registry/abs"])
+def test_a_bundle_with_a_member_escaping_registry_is_refused(inputs, tree, tmp_path, bad):
+    import io
+    import tarfile
+
+    bundle = tmp_path / "registry.tar.gz"
+    with tarfile.open(bundle, "w:gz") as tar:
+        tar.add(tree, arcname="registry")
+        info = tarfile.TarInfo(bad)
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"evil"))
+    media = tmp_path / "media"
+    result = run(["bash", Path(__file__).parent.parent / "scripts/make-airgap-media.sh", "-o", media,
+                  "-b", bundle, *inputs.args()], env=inputs.env())
+    assert_refused(result, "outside registry/")
+    assert not media.exists()
