@@ -713,3 +713,23 @@ def test_a_docker_save_config_that_is_not_a_json_object_is_refused(tmp_path, bui
     result = mr_process("import", str(saved), "-d", str(tree))
     assert_refused(result, entries[0]["Config"])
     assert not (tree / "library/hello/manifests/latest").exists()
+
+
+def test_a_docker_save_listing_one_layer_thousands_of_times_hashes_it_once(tmp_path, built, capsys, monkeypatch):
+    from minimal_registry.content import hashing
+
+    builder, hello = built
+    saved = docker_save_dir(builder.root, tmp_path / "saved", [hello], [["hello:latest"]],
+                            {hello.layers[0].digest: b"layer"})
+    entries = json.loads((saved / "manifest.json").read_text())
+    entry = entries[0]
+    entries = [dict(entry, RepoTags=[f"hello:v{n}"], Layers=entry["Layers"] * 100) for n in range(30)]
+    (saved / "manifest.json").write_text(json.dumps(entries))
+    hashed = []
+    real = hashing.hash_open_file
+    monkeypatch.setattr(hashing, "hash_open_file", lambda reader, *a: hashed.append(1) or real(reader, *a))
+
+    result = mr(capsys, "import", str(saved), "-d", str(tmp_path / "tree"))
+
+    assert result.code == 0, result
+    assert len(hashed) <= 2, f"the layer was hashed {len(hashed)} times"  # once reading, at most once placing

@@ -38,6 +38,7 @@ def read(files: SourceFiles, pool: Pool) -> None:
         raise Fatal(f"{files.label}: {MANIFEST_JSON} lists no images", "this is not a docker-save archive")
     layer_files: Dict[str, Entry] = {}
     pool.add_store(layer_files.get)
+    described: Dict[str, dict] = {}  # layer file name -> its descriptor: each file hashed once
     for position, entry in enumerate(entries):
         where = f"{files.label}: {MANIFEST_JSON} entry {position}"
         if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str) \
@@ -49,7 +50,13 @@ def read(files: SourceFiles, pool: Pool) -> None:
             raise Fatal(f"{config_where} is not a JSON object, so not an image config",
                         "this is not a docker-save archive, or it is damaged")
         config_digest = pool.add_bytes(config)
-        layers = [_layer(files, layer_files, name, where) for name in entry["Layers"]]
+        layers = []
+        for name in entry["Layers"]:
+            if not isinstance(name, str):
+                raise Fatal(f"{where} lists a layer that is not a file name", "this is not a docker-save archive")
+            if name not in described:  # images share layers, and a list may repeat one
+                described[name] = _layer(files, layer_files, name, where)
+            layers.append(described[name])
         document = {
             "schemaVersion": 2,
             "mediaType": manifests.DOCKER_MANIFEST,
@@ -71,9 +78,7 @@ def read(files: SourceFiles, pool: Pool) -> None:
         pool.add_root(Root(digest=digest, source=files.label, names=image_names, size=len(body)))
 
 
-def _layer(files: SourceFiles, layer_files: Dict[str, Entry], name: object, where: str) -> dict:
-    if not isinstance(name, str):
-        raise Fatal(f"{where} lists a layer that is not a file name", "this is not a docker-save archive")
+def _layer(files: SourceFiles, layer_files: Dict[str, Entry], name: str, where: str) -> dict:
     entry = files.lookup(name)
     if entry is None:
         raise Fatal(f"{where}: layer {printable(name)} is missing from the archive", "the archive is incomplete")
