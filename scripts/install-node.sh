@@ -146,6 +146,8 @@ parse_args() {
         esac
         shift
     done
+    verify_dir_value --media "${MEDIA}"
+    verify_dir_value --root "${ROOT}"
     if [ -z "${MEDIA}" ]; then
         MEDIA=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
     fi
@@ -156,6 +158,15 @@ parse_args() {
         ROOT=$(cd "${ROOT}" && pwd)
         [ "${ROOT}" != / ] || ROOT=
     fi
+}
+
+# Refuse a directory value that cd would take for an option or for "the previous directory"
+# (`--root -x`, `--root -`), or with a newline (no path we write may hold one).
+verify_dir_value() {
+    case "$2" in
+        -*) fatal "$1 needs a directory, not '$2' (write ./$2 for one whose name starts with -)" ;;
+        *$'\n'*) fatal "$1 '${2//$'\n'/\\n}' has a newline in its name: rename it" ;;
+    esac
 }
 
 # The path of a system location under --root.
@@ -197,6 +208,7 @@ verify_media() {
     ARCHIVE=
     local listed=" "
     while IFS= read -r line || [ -n "${line}" ]; do
+        line=${line%$'\r'} # the file may have passed through a Windows editor on its way
         [ -n "${line}" ] || continue
         expected=${line%% *}
         name=${line#* }

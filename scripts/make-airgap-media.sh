@@ -33,8 +33,9 @@
 # changed (and says "nothing to do" when none did), then syncs the media.
 #
 # Options:
-#   -o DIR           the media directory (created if missing)
-#   -r DIR           the content tree to pack (from download-system-images.sh)
+#   -o DIR           the media directory (created if missing; not inside the content tree)
+#   -r DIR           the content tree to pack (from download-system-images.sh); an
+#                    interrupted import's .import-* and .tmp-* leftovers are not packed
 #   -b FILE          an existing bundle (registry.tar.gz or registry.tar.zst) to copy as is
 #   --arch ARCHES    amd64, arm64, or both as amd64,arm64 (default: this host's)
 #   --images-only    images only: no k3s, install.sh, unit or registries.yaml
@@ -131,6 +132,56 @@ need_value() {
     [ "$2" -ge 2 ] || fatal "$1 needs a value (see --help)"
 }
 
+# Refuse, before anything is written, values that would break a later step half-way: an
+# option where a value belongs (`-o -x`), a newline or tab in a path (the media's file list
+# is NAME<TAB>PATH lines). Arguments: FLAG VALUE pairs; empty values are not given.
+verify_arg_values() {
+    local flag value shown
+    while [ "$#" -ge 2 ]; do
+        flag=$1
+        value=$2
+        shift 2
+        shown=${value//$'\n'/\\n}
+        shown=${shown//$'\t'/\\t}
+        case "${value}" in
+            -*) fatal "${flag} needs a value, not the option '${value}' (write ./${value} for a path starting with -)" ;;
+            *$'\n'* | *$'\t'*) fatal "${flag} '${shown}' has a newline or tab in its name: rename it" ;;
+        esac
+    done
+}
+
+# An absolute path for PATH, relative to where the script was started (so that `-m
+# minimal-registry` is that file, never a command found on PATH).
+absolute_path() {
+    case "$1" in
+        /* | "") printf '%s' "$1" ;;
+        *) printf '%s/%s' "${PWD}" "$1" ;;
+    esac
+}
+
+# The physical path of PATH, which may not exist yet: its deepest existing directory with
+# symlinks resolved, then the rest as given.
+physical_path() {
+    local path=$1 rest=
+    while [ "${path}" != / ] && [ "${path%/}" != "${path}" ]; do
+        path=${path%/}
+    done
+    while [ ! -d "${path}" ]; do
+        rest=/${path##*/}${rest}
+        path=$(dirname -- "${path}")
+    done
+    printf '%s%s' "$(cd -P -- "${path}" && pwd -P)" "${rest}"
+}
+
+# The media must not be the content tree or inside it: the archive would pack itself.
+verify_media_outside_tree() {
+    local media
+    media=$(physical_path "${OUT}")
+    case "${media}/" in
+        "${TREE}/"*) fatal "the media directory ${OUT} is inside the content tree ${TREE}: give -o outside it" ;;
+    esac
+}
+
 # --- step: arguments ---
 parse_args() {
     while [ "$#" -gt 0 ]; do
@@ -157,6 +208,11 @@ parse_args() {
         shift
     done
     [ -n "${OUT}" ] || fatal "give the media directory with -o DIR"
+    local given=() file
+    for file in "${K3S_GIVEN[@]}"; do given+=(-k "${file}"); done
+    for file in "${REGISTRY_GIVEN[@]}"; do given+=(-m "${file}"); done
+    verify_arg_values -o "${OUT}" -r "${TREE}" -b "${BUNDLE}" -i "${INSTALL_SH}" \
+        -y "${REGISTRIES_YAML}" --cache "${CACHE}" -v "${VERSION}" "${given[@]}"
     if [ -n "${TREE}" ] && [ -n "${BUNDLE}" ]; then
         fatal "give either a content tree (-r DIR) or a bundle (-b FILE), not both"
     fi
@@ -183,8 +239,8 @@ parse_args() {
         VERSION=stable
     fi
     case "${VERSION}" in
-        "" | stable | latest | v[0-9]*) ;;
-        *) fatal "-v takes a K3s version like v1.31.4+k3s1, or stable or latest; not '${VERSION}'" ;;
+        "" | stable | latest) ;;
+        *) is_version "${VERSION}" || fatal "-v takes a K3s version like v1.31.4+k3s1, or stable or latest; not '${VERSION}'" ;;
     esac
     if [ "${VERSION}" = stable ] || [ "${VERSION}" = latest ]; then
         [ "${DOWNLOAD}" = true ] || fatal "-v ${VERSION} is resolved through the network: add --download, or give the version"
@@ -193,6 +249,25 @@ parse_args() {
     if [ "${IMAGES_ONLY}" = true ] && [ "${#K3S_GIVEN[@]}" -gt 0 ]; then
         fatal "--images-only media hold no k3s: leave out -k"
     fi
+    OUT=$(absolute_path "${OUT}")
+    TREE=$(absolute_path "${TREE}")
+    BUNDLE=$(absolute_path "${BUNDLE}")
+    INSTALL_SH=$(absolute_path "${INSTALL_SH}")
+    REGISTRIES_YAML=$(absolute_path "${REGISTRIES_YAML}")
+    CACHE=$(absolute_path "${CACHE}")
+    local index
+    for index in "${!K3S_GIVEN[@]}"; do
+        K3S_GIVEN[index]=$(absolute_path "${K3S_GIVEN[index]}")
+    done
+    for index in "${!REGISTRY_GIVEN[@]}"; do
+        REGISTRY_GIVEN[index]=$(absolute_path "${REGISTRY_GIVEN[index]}")
+    done
+}
+
+# A K3s version: v, a digit, then only what release names hold (v1.31.4+k3s1, v1.30.0-rc1+k3s1).
+# Anything else would reach sed, URLs and cache paths.
+is_version() {
+    [[ "$1" =~ ^v[0-9][0-9A-Za-z.+-]*$ ]] && [[ "$1" != *..* ]]
 }
 
 multi_arch() { [ "${#ARCHES[@]}" -gt 1 ]; }
@@ -259,10 +334,7 @@ resolve_version() {
         -o /dev/null -w '%{url_effective}' -- "${url}") || fatal "cannot resolve the ${VERSION} K3s version from ${url}"
     effective=${effective##*/}
     effective=${effective//%2B/+}
-    case "${effective}" in
-        v[0-9]*) ;;
-        *) fatal "the channel ${url} did not lead to a version (got '${effective}')" ;;
-    esac
+    is_version "${effective}" || fatal "the channel ${url} did not lead to a version (got '${effective}')"
     info "K3s ${VERSION} is ${effective}"
     VERSION=${effective}
 }
@@ -434,7 +506,8 @@ verify_inputs() {
     if [ -n "${TREE}" ]; then
         [ -d "${TREE}" ] || fatal "content tree ${TREE} does not exist"
         [ -d "${TREE}/blobs" ] || fatal "${TREE} is not a content tree (it has no blobs/)"
-        TREE=$(cd "${TREE}" && pwd)
+        TREE=$(cd -P -- "${TREE}" && pwd -P)
+        verify_media_outside_tree
     else
         [ -f "${BUNDLE}" ] || fatal "bundle ${BUNDLE} does not exist"
         case "${BUNDLE}" in
@@ -500,9 +573,10 @@ verify_content() {
             command -v zstd >/dev/null 2>&1 || fatal "checking ${BUNDLE} needs zstd"
             zstd -dcq -- "${BUNDLE}"
             ;;
-    esac | tar -t -f - >"${listing}" || fatal "${BUNDLE} is not a complete archive"
+    esac | tar -t -P -f - >"${listing}" || fatal "${BUNDLE} is not a complete archive"
     grep -q '^registry/blobs/' "${listing}" || fatal "${BUNDLE} holds no registry/blobs/: not a content bundle"
-    if grep -v -q -E '^registry(/|$)' "${listing}"; then
+    # -P lists names as stored: an absolute name or a `..` would land outside registry/.
+    if grep -v -q -E '^registry(/|$)' "${listing}" || grep -q -E '(^|/)\.\.(/|$)' "${listing}"; then
         fatal "${BUNDLE} holds files outside registry/"
     fi
 }
@@ -560,11 +634,13 @@ write_archive() {
     fi
     info "packing ${TREE} into ${ARCHIVE}"
     # Deterministic: sorted names, fixed owner, mode bits and mtime, no host metadata;
-    # the tree's own directory name becomes registry/.
+    # the tree's own directory name becomes registry/. Not packed: what an interrupted
+    # import leaves (.import-* staging directories, .tmp-* temporary names).
     LC_ALL=C tar -c -f - -C "${TREE}" \
         --format=gnu --sort=name --numeric-owner --owner=0 --group=0 \
         --mtime="@${SOURCE_DATE_EPOCH:-0}" --mode='u+rwX,go+rX,go-w' \
         --no-acls --no-selinux --no-xattrs \
+        --exclude='.import-*' --exclude='.tmp-*' \
         --transform='s,^\.,registry,S' . \
         | "${compress[@]}" >"${STAGE}/${ARCHIVE}"
 }

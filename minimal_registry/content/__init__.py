@@ -11,7 +11,9 @@ live) and `minimal_registry.manifest` (what a manifest says), the same code the 
     dockerarchive.py turn a docker-save manifest.json into schema2 manifests
     archive.py       unpack a tar safely into a staging directory, hashing as it goes
     decompress.py    plain, gzip, bzip2, xz and zstd streams
-    files.py         a source's files by name, on disk or staged
+    files.py         a source's files by name, on disk or staged; only regular files opened
+    jsonread.py      JSON documents of a source, bounded in size and nesting
+    intact.py        which blobs the tree already holds with the right bytes
     pool.py          content the sources hold, by digest, and the images they name
     names.py         image references: docker.io rules, domain trimming
     platforms.py     os/arch[/variant] compared as containerd does

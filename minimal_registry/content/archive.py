@@ -7,19 +7,38 @@ it can later be renamed into the tree without reading it again.
 Nothing in an archive may write outside the staging directory: absolute names and `..` are
 refused; links are not created on disk but remembered as aliases, resolved inside the
 archive only; devices and FIFOs are skipped.
+
+Nor may an archive take more than it has a right to: a tar header that asks for more than
+MAX_METADATA of pax or long-name text (read into memory whole) is refused before it is read,
+a member bigger than the free space of the tree's filesystem before it is written, and a
+member the readers load whole (`index.json`) as soon as its header says it is over its limit.
 """
 
+import errno
+import os
 import posixpath
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Mapping, Optional
 
 from minimal_registry.content import decompress, hashing
+from minimal_registry.content.formatting import human_bytes
 from minimal_registry.content.progress import Progress
 from minimal_registry.fatal import Fatal
 
 MAX_LINK_HOPS = 16
+# An OCI layout nests 3 levels, a docker save 2; the K3s airgap archive holds a few hundred
+# members. Far more is an archive built to exhaust inodes, memory or the stack.
+MAX_NAME_DEPTH = 32
+MAX_MEMBERS = 100_000
+# pax headers and GNU long names hold a path and a few attributes: a few KB at most.
+MAX_METADATA = 1024 * 1024
+_METADATA_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+                   tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+# A member that cannot be written for one of these reasons is a fault of the archive's names
+# (a file where a directory was, a name too long), not of the disk.
+_NAME_CLASHES = (errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG)
 
 
 @dataclass(frozen=True)
@@ -66,23 +85,33 @@ def is_tar(path: Path) -> bool:
 
 
 def stage(archive: Path, staging: Path, quiet: bool = False,
-          already_have: Optional[Callable[[str, int], bool]] = None) -> StagedArchive:
+          already_have: Optional[Callable[[str, int], bool]] = None,
+          size_limits: Optional[Mapping[str, int]] = None) -> StagedArchive:
     """Unpack `archive` into the (new, empty) directory `staging`.
 
     `already_have(name, size)`: members it says yes to are read past, not written (content
     the tree already holds: re-importing a big archive then writes nothing).
+    `size_limits`: member name -> the most bytes that member may have.
     """
     staged = StagedArchive(staging)
     progress = Progress(f"unpack {archive.name}", archive.stat().st_size, enabled=not quiet)
     try:
         with decompress.open_stream(archive, on_bytes=progress.add) as raw:
-            with tarfile.open(fileobj=_ReadGuard(raw), mode="r|") as tar:
-                for member in tar:
+            with tarfile.open(fileobj=_ReadGuard(raw), mode="r|", tarinfo=_BoundedTarInfo) as tar:
+                for count, member in enumerate(tar, start=1):
+                    if count > MAX_MEMBERS:
+                        raise Fatal(f"{archive} holds more than {MAX_MEMBERS} members",
+                                    "no image archive comes near that; check the archive")
                     if member.isreg() and already_have is not None and already_have(member.name, member.size):
                         continue
+                    if member.isreg():
+                        _check_room(archive, staging, member, size_limits or {})
                     _unpack_member(tar, member, staged, archive)
                     progress.tick()
         progress.done = progress.total  # the tar's end padding is never read
+    except _MetadataTooBig as header:
+        raise Fatal(f"{archive}: a tar header asks for {header.size} bytes of metadata "
+                    f"(a real archive needs a few KB)", "the archive is damaged or hostile; copy it again") from None
     except _ReadProblem as problem:
         raise Fatal(f"{archive} is damaged or truncated ({problem})", "copy the archive again") from None
     except tarfile.TarError as error:
@@ -94,6 +123,42 @@ def stage(archive: Path, staging: Path, quiet: bool = False,
     finally:
         progress.finish()
     return staged
+
+
+class _MetadataTooBig(Exception):
+    def __init__(self, size: int):
+        super().__init__(size)
+        self.size = size
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A TarInfo that refuses a pax header or GNU long name over MAX_METADATA before
+    tarfile reads it into memory whole (a few KB of zstd can ask for gigabytes)."""
+
+    def _proc_member(self, tarfile_):  # tarfile's documented hook for subclasses
+        if self.type in _METADATA_TYPES and self.size > MAX_METADATA:
+            raise _MetadataTooBig(self.size)
+        return super()._proc_member(tarfile_)
+
+
+def _check_room(archive: Path, staging: Path, member: tarfile.TarInfo, size_limits: Mapping[str, int]) -> None:
+    name = _normalise(member.name)
+    limit = size_limits.get(name) if name is not None else None
+    if limit is not None and member.size > limit:
+        raise Fatal(f"{archive}: member {name!r} is {member.size} bytes, over its {_limit_text(limit)} limit",
+                    "no real image archive holds one that big; check the archive")
+    if member.size > 0:
+        usage = os.statvfs(staging)
+        free = usage.f_bavail * usage.f_frsize
+        if member.size > free:
+            raise Fatal(f"{archive}: member {member.name!r} needs {human_bytes(member.size)}, "
+                        f"the tree's filesystem has {human_bytes(free)} free",
+                        "free space where the content tree is, or check the archive")
+
+
+def _limit_text(limit: int) -> str:
+    mib = 1024 * 1024
+    return f"{limit // mib} MiB" if limit % mib == 0 else human_bytes(limit)
 
 
 class _ReadProblem(Exception):
@@ -120,6 +185,19 @@ def _unpack_member(tar: tarfile.TarFile, member: tarfile.TarInfo, staged: Staged
                     "refusing to unpack an archive that writes outside its own directory")
     if name == "":
         return
+    if name.count("/") >= MAX_NAME_DEPTH:
+        raise Fatal(f"{archive}: member {member.name[:80]!r}... nests {name.count('/')} directories deep",
+                    "no image archive nests more than a few levels; check the archive")
+    try:
+        _write_member(tar, member, name, staged)
+    except OSError as error:
+        if error.errno not in _NAME_CLASHES:
+            raise
+        raise Fatal(f"{archive}: member {member.name!r} cannot be unpacked ({error.strerror})",
+                    "its name clashes with another member's or is too long: the archive is damaged") from None
+
+
+def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, name: str, staged: StagedArchive) -> None:
     if member.isdir():
         (staged.root / name).mkdir(parents=True, exist_ok=True)
     elif member.isreg():
@@ -130,7 +208,7 @@ def _unpack_member(tar: tarfile.TarFile, member: tarfile.TarInfo, staged: Staged
         with open(target, "wb") as out:
             digest, size = hashing.copy_hashed(source, out)
         if size != member.size:
-            raise _ReadProblem(f"{member.name} ends after {size} of {member.size} bytes")
+            raise _ReadProblem(f"{member.name!r} ends after {size} of {member.size} bytes")
         staged.files[name] = Entry(target, size, digest, owned=True)
     elif member.issym():
         link = member.linkname

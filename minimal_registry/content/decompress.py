@@ -92,52 +92,110 @@ def open_stream(path: Path, on_bytes: Optional[Callable[[int], None]] = None) ->
 class _ZstdReader:
     """zstd frames, one after another, as a stream; a file that ends inside a frame is an error.
 
-    (`zstandard`'s own stream_reader reports such a truncated file as a clean end.)
+    zstandard's stream_reader hands out at most what is asked for (a decompressobj hands out
+    everything a chunk expands to: a few KB of zeros become gigabytes in memory), but reports
+    a file cut inside a frame as a clean end: the frame walker beside it tells the two apart.
     """
 
     def __init__(self, raw):
         import zstandard
 
-        self._zstandard = zstandard
-        self._raw = raw
-        self._decoder = zstandard.ZstdDecompressor().decompressobj()
-        self._buffer = bytearray()
-        self._position = 0
-        self._finished = False
-        self._in_frame = False
+        self._frames = _FrameWalker()
+        self._reader = zstandard.ZstdDecompressor().stream_reader(
+            _Walked(raw, self._frames), read_size=READ_SIZE, read_across_frames=True, closefd=False)
 
     def read(self, size: int = -1) -> bytes:
-        while not self._finished and (size < 0 or len(self._buffer) - self._position < size):
-            chunk = self._raw.read(READ_SIZE)
-            if not chunk:
-                self._finished = True
-                if self._in_frame:
-                    raise EOFError("the zstd data ends in the middle of a frame: the file is truncated")
-                break
-            if self._position:  # drop what was read before growing the buffer, not on every read
-                del self._buffer[:self._position]
-                self._position = 0
-            self._feed(chunk)
-        end = len(self._buffer) if size < 0 else min(len(self._buffer), self._position + size)
-        data = bytes(self._buffer[self._position:end])
-        self._position = end
+        if size is None or size < 0:
+            return b"".join(iter(lambda: self.read(READ_SIZE), b""))
+        data = self._reader.read(size)
+        if not data and size and not self._frames.between_frames:
+            raise EOFError("the zstd data ends in the middle of a frame: the file is truncated")
         return data
-
-    def _feed(self, chunk: bytes) -> None:
-        while chunk:
-            self._in_frame = True
-            self._buffer += self._decoder.decompress(chunk)
-            if not self._decoder.eof:
-                return
-            self._in_frame = False
-            chunk = self._decoder.unused_data
-            self._decoder = self._zstandard.ZstdDecompressor().decompressobj()
 
     def readable(self) -> bool:
         return True
 
     def close(self) -> None:
-        pass
+        self._reader.close()
+
+
+class _Walked:
+    """The compressed bytes, shown to the frame walker on their way to the decompressor."""
+
+    def __init__(self, raw, frames: "_FrameWalker"):
+        self._raw = raw
+        self._frames = frames
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self._frames.feed(data)
+        return data
+
+
+ZSTD_SKIPPABLE_TAIL = b"\x2a\x4d\x18"  # skippable frames: magic 0x184D2A50..5F, little-endian
+
+
+class _FrameWalker:
+    """Follows zstd frame and block headers (RFC 8878, section 3.1) in the compressed bytes,
+    passing over block contents unread, to know whether the data so far ends between frames."""
+
+    def __init__(self):
+        self._state = "magic"
+        self._need = 4  # header bytes the current state reads
+        self._header = bytearray()
+        self._skip = 0  # block or skippable-frame content still to pass over
+        self._checksum = False
+
+    @property
+    def between_frames(self) -> bool:
+        return self._state == "magic" and not self._header and not self._skip
+
+    def feed(self, data: bytes) -> None:
+        position = 0
+        while position < len(data):
+            if self._skip:
+                passed = min(self._skip, len(data) - position)
+                self._skip -= passed
+                position += passed
+                continue
+            taken = min(self._need - len(self._header), len(data) - position)
+            self._header += data[position:position + taken]
+            position += taken
+            if len(self._header) == self._need:
+                header = bytes(self._header)
+                self._header.clear()
+                self._advance(header)
+
+    def _advance(self, header: bytes) -> None:
+        if self._state == "magic":
+            if header == ZSTD_MAGIC:
+                self._state, self._need = "descriptor", 1
+            elif header[1:] == ZSTD_SKIPPABLE_TAIL and header[0] & 0xF0 == 0x50:
+                self._state, self._need = "skippable size", 4
+            else:
+                raise ValueError("not a zstd frame where one should start")
+        elif self._state == "skippable size":
+            self._skip = int.from_bytes(header, "little")
+            self._state, self._need = "magic", 4
+        elif self._state == "descriptor":
+            descriptor = header[0]
+            single_segment = bool(descriptor & 0x20)
+            self._checksum = bool(descriptor & 0x04)
+            content_size = (1 if single_segment else 0, 2, 4, 8)[descriptor >> 6]
+            rest = (0 if single_segment else 1) + (0, 1, 2, 4)[descriptor & 0x03] + content_size
+            self._state, self._need = ("frame header", rest) if rest else ("block", 3)
+        elif self._state == "frame header":
+            self._state, self._need = "block", 3
+        elif self._state == "block":
+            value = int.from_bytes(header, "little")
+            block_type, block_size = (value >> 1) & 0x03, value >> 3
+            if block_type == 3:
+                raise ValueError("a reserved zstd block type")
+            self._skip = 1 if block_type == 1 else block_size  # an RLE block holds one byte
+            if value & 0x01:  # the frame's last block
+                self._state, self._need = ("checksum", 4) if self._checksum else ("magic", 4)
+        else:  # checksum
+            self._state, self._need = "magic", 4
 
 
 def _have_zstandard() -> bool:

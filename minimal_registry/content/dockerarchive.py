@@ -12,9 +12,9 @@ import json
 from typing import Dict, List
 
 from minimal_registry import manifest as manifests
-from minimal_registry.content import hashing, names
+from minimal_registry.content import hashing, jsonread, names
 from minimal_registry.content.archive import Entry
-from minimal_registry.content.files import SourceFiles
+from minimal_registry.content.files import NotRegular, SourceFiles, open_regular, printable
 from minimal_registry.content.pool import Pool, Root
 from minimal_registry.fatal import Fatal
 
@@ -27,28 +27,36 @@ MAX_CONFIG = 16 * 1024 * 1024
 
 
 def is_docker_archive(files: SourceFiles) -> bool:
-    if not files.exists(MANIFEST_JSON):
-        return False
-    try:
-        return isinstance(files.read_json(MANIFEST_JSON), list)
-    except Fatal:
-        return False
+    """A `manifest.json` (a skopeo `dir:` one is recognised before this is asked): a broken
+    one is then reported for what it is, not as "no known layout"."""
+    return files.exists(MANIFEST_JSON)
 
 
 def read(files: SourceFiles, pool: Pool) -> None:
-    entries = files.read_json(MANIFEST_JSON)
+    entries = jsonread.read_json(files, MANIFEST_JSON)
     if not isinstance(entries, list) or not entries:
         raise Fatal(f"{files.label}: {MANIFEST_JSON} lists no images", "this is not a docker-save archive")
     layer_files: Dict[str, Entry] = {}
     pool.add_store(layer_files.get)
+    described: Dict[str, dict] = {}  # layer file name -> its descriptor: each file hashed once
     for position, entry in enumerate(entries):
         where = f"{files.label}: {MANIFEST_JSON} entry {position}"
         if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str) \
                 or not isinstance(entry.get("Layers"), list):
             raise Fatal(f"{where} has no Config and Layers", "this is not a docker-save archive")
         config = files.read_bytes(entry["Config"], limit=MAX_CONFIG)
+        config_where = f"{files.label}: {printable(entry['Config'])}"
+        if not isinstance(jsonread.loads(config, config_where), dict):
+            raise Fatal(f"{config_where} is not a JSON object, so not an image config",
+                        "this is not a docker-save archive, or it is damaged")
         config_digest = pool.add_bytes(config)
-        layers = [_layer(files, layer_files, name, where) for name in entry["Layers"]]
+        layers = []
+        for name in entry["Layers"]:
+            if not isinstance(name, str):
+                raise Fatal(f"{where} lists a layer that is not a file name", "this is not a docker-save archive")
+            if name not in described:  # images share layers, and a list may repeat one
+                described[name] = _layer(files, layer_files, name, where)
+            layers.append(described[name])
         document = {
             "schemaVersion": 2,
             "mediaType": manifests.DOCKER_MANIFEST,
@@ -58,29 +66,36 @@ def read(files: SourceFiles, pool: Pool) -> None:
         body = json.dumps(document, indent=3).encode()
         digest = pool.add_bytes(body)
         image_names: List[names.ImageName] = []
-        for repo_tag in entry.get("RepoTags") or ():
+        repo_tags = entry.get("RepoTags") or ()
+        if not isinstance(repo_tags, list) or not all(isinstance(t, str) for t in repo_tags):
+            raise Fatal(f"{where} has RepoTags that are not a list of names", "give --name NAME --tag TAG")
+        for repo_tag in repo_tags:
             try:
-                image_names.append(names.parse(str(repo_tag)))
+                image_names.append(names.parse(repo_tag))
             except ValueError as problem:
                 raise Fatal(f"{where} has a bad RepoTag {repo_tag!r}: {problem}",
                             "give --name NAME --tag TAG") from None
         pool.add_root(Root(digest=digest, source=files.label, names=image_names, size=len(body)))
 
 
-def _layer(files: SourceFiles, layer_files: Dict[str, Entry], name: object, where: str) -> dict:
-    entry = files.lookup(str(name)) if isinstance(name, str) else None
+def _layer(files: SourceFiles, layer_files: Dict[str, Entry], name: str, where: str) -> dict:
+    entry = files.lookup(name)
     if entry is None:
-        raise Fatal(f"{where}: layer {name} is missing from the archive", "the archive is incomplete")
-    digest = entry.digest
-    if digest is None:  # a directory source: hash it now, the copy checks it again
-        digest, _size = hashing.hash_file(entry.path)
-    layer_files[digest] = Entry(entry.path, entry.size, digest, entry.owned)
-    return {"mediaType": _layer_type(entry), "size": entry.size, "digest": digest}
+        raise Fatal(f"{where}: layer {printable(name)} is missing from the archive", "the archive is incomplete")
+    try:
+        with open_regular(entry.path) as reader:
+            magic = reader.read(4)
+            reader.seek(0)
+            digest, size = entry.digest, entry.size
+            if digest is None:  # a directory source: hash it now, the copy checks it again
+                digest, size = hashing.hash_open_file(reader)
+    except NotRegular as problem:
+        raise Fatal(f"{where}: layer {printable(name)} is {problem}, not a regular file", "check the source") from None
+    layer_files[digest] = Entry(entry.path, size, digest, entry.owned)
+    return {"mediaType": _layer_type(magic), "size": size, "digest": digest}
 
 
-def _layer_type(entry: Entry) -> str:
-    with open(entry.path, "rb") as head:
-        magic = head.read(4)
+def _layer_type(magic: bytes) -> str:
     if magic.startswith(b"\x1f\x8b"):
         return LAYER_GZIP
     if magic.startswith(b"\x28\xb5\x2f\xfd"):

@@ -18,20 +18,25 @@ ProgressCallback = Callable[[int], None]
 
 def hash_file(path: Path, on_bytes: Optional[ProgressCallback] = None) -> Tuple[str, int]:
     """(`sha256:<hex>`, size in bytes) of the file at `path`."""
+    with open(path, "rb", buffering=0) as source:
+        return hash_open_file(source, on_bytes)
+
+
+def hash_open_file(source: BinaryIO, on_bytes: Optional[ProgressCallback] = None) -> Tuple[str, int]:
+    """(`sha256:<hex>`, bytes read) of an open file, from where it stands to its end."""
     hasher = hashlib.sha256()
     buffer = bytearray(CHUNK)
     view = memoryview(buffer)
     total = 0
-    with open(path, "rb", buffering=0) as source:
-        _advise_sequential(source)
-        while True:
-            count = source.readinto(buffer)
-            if not count:
-                break
-            hasher.update(view[:count])
-            total += count
-            if on_bytes:
-                on_bytes(count)
+    _advise_sequential(source)
+    while True:
+        count = source.readinto(buffer)
+        if not count:
+            break
+        hasher.update(view[:count])
+        total += count
+        if on_bytes:
+            on_bytes(count)
     return "sha256:" + hasher.hexdigest(), total
 
 

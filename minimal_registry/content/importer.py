@@ -14,7 +14,9 @@ from typing import Iterator, List, Optional
 from minimal_registry.content import place, plan, platforms
 from minimal_registry.content import sources as source_kinds
 from minimal_registry.content.pool import Pool
+from minimal_registry.content.files import printable
 from minimal_registry.content.formatting import human_bytes, short_media_type
+from minimal_registry.content.intact import TreeBlobs
 from minimal_registry.fatal import Fatal
 
 
@@ -33,9 +35,10 @@ def run(sources: List[Path], tree: Path, name: Optional[str] = None, tag: Option
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         pool = Pool()
-        with source_kinds.read_sources(list(sources), tree, pool, quiet=quiet):
-            plans = plan.make(pool, tree, name, tag, keep_domain, wanted)
-            for line in _place(tree, plans):
+        tree_blobs = TreeBlobs(tree)  # one hash per tree blob per run, shared by every step
+        with source_kinds.read_sources(list(sources), tree, pool, quiet=quiet, tree_blobs=tree_blobs):
+            plans = plan.make(pool, tree, name, tag, keep_domain, wanted, tree_blobs)
+            for line in _place(tree, plans, tree_blobs):
                 if not quiet:
                     print(line, flush=True)
     except OSError as error:  # reading a source or staging into the tree: say which file
@@ -60,44 +63,54 @@ def _prepare_tree(tree: Path) -> None:
         raise Fatal(f"cannot create {tree}: {error.strerror}", "check the path and its permissions") from None
 
 
-def _place(tree: Path, plans: List[plan.ImagePlan]) -> Iterator[str]:
-    placer = place.Placer(tree)
+def _place(tree: Path, plans: List[plan.ImagePlan], tree_blobs: TreeBlobs) -> Iterator[str]:
+    placer = place.Placer(tree, tree_blobs)
     try:
         written = {}
         for image in plans:
-            new = 0
+            new = repaired = 0
             for digest, source in image.blobs.items():
                 if digest not in written:
                     written[digest] = placer.blob(digest, source, image.blob_sizes[digest], image.source)
-                    new += written[digest]
+                    new += written[digest] == place.NEW
+                    repaired += written[digest] == place.REPAIRED
             placer.sync()  # blobs are on disk before any manifest names them
             manifests_dir = placer.repository(image.repository, image.namespace)
             new_manifests = sum(placer.manifest(manifests_dir, d, body) for d, body in image.manifests.items())
             placer.sync()
             state = placer.tag(manifests_dir, image.tag, image.digest) if image.tag else "untagged"
             placer.sync()
-            yield _summary(image, state, new, new_manifests)
+            yield _summary(image, state, new, repaired, new_manifests)
     except OSError as error:
         raise Fatal(f"cannot write into {tree}: {error.strerror or error} ({getattr(error, 'filename', '')})",
                     "check the free space and permissions of the content tree") from None
 
 
-def _summary(image: plan.ImagePlan, state: str, new_blobs: int, new_manifests: int) -> str:
-    changed = new_blobs or new_manifests or state in ("new", "moved")
+def _listed(labels, shown: int = 10) -> str:
+    """At most `shown` of `labels`: an index may list thousands (the line stays one line)."""
+    labels = [printable(label) for label in labels]
+    more = f" and {len(labels) - shown} more" if len(labels) > shown else ""
+    return ", ".join(labels[:shown]) + more
+
+
+def _summary(image: plan.ImagePlan, state: str, new_blobs: int, repaired: int, new_manifests: int) -> str:
+    changed = new_blobs or repaired or new_manifests or state in ("new", "moved")
     verb = "imported" if changed else "unchanged"
     details = [short_media_type(image.media_type)]
     if image.present_platforms or image.absent_platforms or image.left_out_platforms:
-        details.append(", ".join(image.present_platforms) or "no platform")
+        details.append(_listed(image.present_platforms) or "no platform")
     if image.absent_platforms:
-        details.append("not in the sources: " + ", ".join(image.absent_platforms))
+        details.append("not in the sources: " + _listed(image.absent_platforms))
     if image.left_out_platforms:
-        details.append("left out: " + ", ".join(image.left_out_platforms))
+        details.append("left out: " + _listed(image.left_out_platforms))
     if image.unmatched_platforms:
-        details.append("the index lists no " + ", ".join(image.unmatched_platforms))
+        details.append("the index lists no " + _listed(image.unmatched_platforms))
     total = sum(image.blob_sizes.values())
     details.append(f"{len(image.blob_sizes)} blobs, {human_bytes(total)}")
     if changed:
         details.append(f"{new_blobs} new blobs, {new_manifests} new manifests")
+    if repaired:
+        details.append(f"repaired {repaired} damaged blob{'s' if repaired > 1 else ''}")
     if state == "moved":
         details.append("tag moved")
     return f"{verb} {image.reference} {image.digest} ({'; '.join(details)})"

@@ -9,7 +9,7 @@ contents.
 from typing import Optional
 
 from minimal_registry import reference
-from minimal_registry.content import names
+from minimal_registry.content import jsonread, names
 from minimal_registry.content.archive import Entry
 from minimal_registry.content.files import SourceFiles
 from minimal_registry.content.pool import Pool, Root
@@ -24,7 +24,7 @@ def is_layout(files: SourceFiles) -> bool:
 
 
 def read(files: SourceFiles, pool: Pool) -> None:
-    index = files.read_json(INDEX)
+    index = jsonread.read_json(files, INDEX)
     if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
         raise Fatal(f"{files.label}: {INDEX} has no `manifests` list", "this is not an OCI image layout")
 

@@ -7,16 +7,21 @@ manifest JSON file) succeed when the platforms it needs were imported before.
 
 Roots: each image a source names. A nameless root that is a child of another root's index
 (a platform image pulled beside its index) is part of that image, not an image of its own.
+
+A source cannot make the walk explode: each manifest is walked once per image however many
+times indexes list it (eight indexes each listing the next 100 times are 100^8 paths but nine
+manifests), and sources that reference more than MAX_DESCRIPTORS distinct digests are refused.
 """
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Set, Union
 
 from minimal_registry import layout
 from minimal_registry import manifest as manifests
-from minimal_registry.content import names, platforms
+from minimal_registry.content import jsonread, names, platforms
 from minimal_registry.content.archive import Entry
+from minimal_registry.content.intact import TreeBlobs
 from minimal_registry.content.pool import MissingContent, Pool, Root
 from minimal_registry.fatal import Fatal
 
@@ -35,10 +40,14 @@ class ImagePlan:
     manifests: Dict[str, bytes] = field(default_factory=dict)  # digest -> bytes, children first
     blobs: Dict[str, Source] = field(default_factory=dict)  # digest -> where to get it
     blob_sizes: Dict[str, int] = field(default_factory=dict)
-    present_platforms: List[str] = field(default_factory=list)
-    absent_platforms: List[str] = field(default_factory=list)  # listed by the index, in no source
-    left_out_platforms: List[str] = field(default_factory=list)  # not asked for with --platform
-    unmatched_platforms: List[str] = field(default_factory=list)  # asked for, not in the index
+    # Ordered sets (dict keys): an index may list the same platform thousands of times.
+    present_platforms: Dict[str, None] = field(default_factory=dict)
+    absent_platforms: Dict[str, None] = field(default_factory=dict)  # listed by the index, in no source
+    left_out_platforms: Dict[str, None] = field(default_factory=dict)  # not asked for with --platform
+    unmatched_platforms: Dict[str, None] = field(default_factory=dict)  # asked for, not in the index
+    walked: Dict[str, int] = field(default_factory=dict, repr=False)  # manifest digest -> size
+    referenced: Set[str] = field(default_factory=set, repr=False)  # every digest, shared by all plans
+    tree_blobs: Optional[TreeBlobs] = field(default=None, repr=False)
 
     @property
     def reference(self) -> str:
@@ -46,11 +55,18 @@ class ImagePlan:
         return f"{where}:{self.tag}" if self.tag else f"{where}@{self.digest}"
 
 
+MAX_DESCRIPTORS = 100_000  # distinct manifests and blobs: the K3s airgap set has a few hundred
+
+
 def make(pool: Pool, tree: Path, name: Optional[str], tag: Optional[str], keep_domain: bool,
-         wanted_platforms: Optional[List[str]]) -> List[ImagePlan]:
+         wanted_platforms: Optional[List[str]], tree_blobs: Optional[TreeBlobs] = None) -> List[ImagePlan]:
+    if len(pool.roots) > MAX_DESCRIPTORS:
+        raise _too_many(pool.roots[0].source)
     roots = _merge(_drop_children(pool, pool.roots, overriding=name is not None or tag is not None))
     if not roots:
         raise Fatal("the sources name no image", "check the sources")
+    tree_blobs = tree_blobs or TreeBlobs(tree)
+    referenced: Set[str] = set()
     plans = []
     for root, image_name in _named(roots, name, tag):
         namespace, repository = image_name.placement(keep_domain)
@@ -58,10 +74,23 @@ def make(pool: Pool, tree: Path, name: Optional[str], tag: Optional[str], keep_d
         if top is None:
             raise MissingContent(f"{root.source}: manifest {root.digest} of {image_name} is missing")
         plan = ImagePlan(name=image_name, namespace=namespace, repository=repository, tag=image_name.tag,
-                         digest=root.digest, media_type=top.media_type, source=root.source)
+                         digest=root.digest, media_type=top.media_type, source=root.source,
+                         referenced=referenced, tree_blobs=tree_blobs)
+        _count(plan, root.digest)
         _walk(pool, tree, plan, top, wanted_platforms, depth=0)
         plans.append(plan)
     return plans
+
+
+def _count(plan: ImagePlan, digest: str) -> None:
+    plan.referenced.add(digest)
+    if len(plan.referenced) > MAX_DESCRIPTORS:
+        raise _too_many(plan.source)
+
+
+def _too_many(source: str) -> Fatal:
+    return Fatal(f"{source}: the sources reference more than {MAX_DESCRIPTORS} distinct manifests and blobs",
+                 "no real set of images comes near that; check where the source came from")
 
 
 # ----- roots and names ---------------------------------------------------------------------
@@ -150,13 +179,10 @@ def _manifest(pool: Pool, tree: Path, namespace, repository, digest, where) -> O
         return found
     stored = layout.manifests_dir(tree, repository, namespace) / digest
     try:
-        body = stored.read_bytes()
-    except OSError:
-        return None
-    try:
-        parsed = manifests.parse(body)
-    except manifests.NotAManifest:
-        return None
+        body = jsonread.read_document(stored, str(stored))
+        parsed = jsonread.parse_manifest(body)
+    except (OSError, Fatal, manifests.NotAManifest):
+        return None  # absent, not a regular file, too big or not a manifest: not usable
     return parsed if parsed.digest == digest else None  # a damaged copy is replaced from the sources
 
 
@@ -164,6 +190,7 @@ def _walk(pool: Pool, tree: Path, plan: ImagePlan, current: manifests.Manifest,
           wanted: Optional[List[str]], depth: int) -> None:
     if depth > MAX_DEPTH:
         raise Fatal(f"{plan.source}: indexes nest deeper than {MAX_DEPTH} levels", "check the source")
+    plan.walked[current.digest] = current.size
     if current.is_index:
         _walk_index(pool, tree, plan, current, wanted, depth)
     else:
@@ -176,36 +203,46 @@ def _walk_index(pool, tree, plan: ImagePlan, index: manifests.Manifest, wanted, 
     taken = 0
     if wanted is not None:
         offered = [c.platform for c in index.children if c.platform]
-        plan.unmatched_platforms += [w for w in wanted
-                                     if not any(platforms.matches(w, o) for o in offered)
-                                     and w not in plan.unmatched_platforms]
+        for missing in [w for w in wanted if not any(platforms.matches(w, o) for o in offered)]:
+            _note(plan.unmatched_platforms, missing)
     for child in index.children:
+        _count(plan, child.digest)
         label = child.platform or child.digest
         selected = wanted is None or child.platform is None or any(platforms.matches(w, child.platform) for w in wanted)
         if not selected:
-            plan.left_out_platforms.append(label)
+            _note(plan.left_out_platforms, label)
             continue
-        found = _manifest(pool, tree, plan.namespace, plan.repository, child.digest, plan.source)
-        if found is None:
-            if wanted is not None and child.platform is not None:
-                raise MissingContent(f"{plan.name}: the {child.platform} manifest {child.digest} is in no source")
-            plan.absent_platforms.append(label)
-            continue
-        if found.size != child.size:
-            raise Fatal(f"{plan.name}: manifest {child.digest} is {found.size} bytes, its index says {child.size}",
+        if child.digest in plan.walked:  # listed again (here or by another index): walked once
+            found_size = plan.walked[child.digest]
+        else:
+            found = _manifest(pool, tree, plan.namespace, plan.repository, child.digest, plan.source)
+            if found is None:
+                if wanted is not None and child.platform is not None:
+                    raise MissingContent(f"{plan.name}: the {child.platform} manifest {child.digest} is in no source")
+                _note(plan.absent_platforms, label)
+                continue
+            found_size = found.size
+        if found_size != child.size:
+            raise Fatal(f"{plan.name}: manifest {child.digest} is {found_size} bytes, its index says {child.size}",
                         "the source is damaged; pull it again")
-        _walk(pool, tree, plan, found, wanted, depth + 1)
+        if child.digest not in plan.walked:
+            _walk(pool, tree, plan, found, wanted, depth + 1)
         taken += 1
         if child.platform:
-            plan.present_platforms.append(child.platform)
+            _note(plan.present_platforms, child.platform)
     if taken == 0:
         raise MissingContent(f"{plan.name}: none of the {len(index.children)} manifests of index "
                              f"{index.digest} is in the sources")
 
 
+def _note(labels: Dict[str, None], label: str) -> None:
+    labels[label] = None
+
+
 def _add_blob(pool: Pool, tree: Path, plan: ImagePlan, blob: manifests.Descriptor, owner: str) -> None:
     if blob.digest in plan.blobs:
         return
+    _count(plan, blob.digest)
     if not names.reference.is_digest(blob.digest):
         raise Fatal(f"{plan.name}: manifest {owner} references {blob.digest!r}, not a sha256 digest",
                     "only sha256 content can be imported")
@@ -215,16 +252,9 @@ def _add_blob(pool: Pool, tree: Path, plan: ImagePlan, blob: manifests.Descripto
             raise Fatal(f"{plan.name}: blob {blob.digest} is {size} bytes, manifest {owner} says {blob.size}",
                         "the source is damaged; pull it again")
         plan.blobs[blob.digest] = pool.find(blob.digest)
-    elif _tree_has_blob(tree, blob.digest, blob.size):
+    elif plan.tree_blobs.holds(blob.digest, blob.size):
         plan.blobs[blob.digest] = None
     else:
         raise MissingContent(f"{plan.name}: blob {blob.digest} ({blob.media_type or 'no media type'}, "
                              f"{blob.size} bytes) of manifest {owner} is in no source")
     plan.blob_sizes[blob.digest] = blob.size
-
-
-def _tree_has_blob(tree: Path, digest: str, size: int) -> bool:
-    try:
-        return layout.shared_blob_path(tree, digest).stat().st_size == size
-    except OSError:
-        return False

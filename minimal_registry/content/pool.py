@@ -12,11 +12,15 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Union
 
 from minimal_registry import manifest as manifests
+from minimal_registry.content import jsonread
 from minimal_registry.content.archive import Entry
 from minimal_registry.content.names import ImageName
 from minimal_registry.fatal import Fatal
 
 Store = Callable[[str], Optional[Entry]]
+# Every manifest read is kept (parsed and as bytes) until the import ends: each is at most
+# 4 MiB, and all of them together at most this. The K3s airgap set's add up to well under 1 MiB.
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 
 
 class MissingContent(Fatal):
@@ -47,6 +51,7 @@ class Pool:
         self._stores: List[Store] = []
         self._data: Dict[str, bytes] = {}
         self._manifests: Dict[str, manifests.Manifest] = {}
+        self._manifest_bytes = 0
         self.roots: List[Root] = []
 
     # ----- filling ---------------------------------------------------------------------
@@ -92,14 +97,18 @@ class Pool:
             if found.size > manifests.MAX_MANIFEST_SIZE:
                 raise Fatal(f"{where}: manifest {digest} is {found.size} bytes, over containerd's 4 MiB limit",
                             "this is not an image manifest; check the source")
-            body = found.path.read_bytes()
+            body = jsonread.read_document(found.path, f"{where}: manifest {digest}")
         actual = "sha256:" + hashlib.sha256(body).hexdigest()
         if actual != digest:
             raise Fatal(f"{where}: manifest {digest} does not match its digest (its bytes hash to {actual})",
                         "the source is damaged; pull or copy it again")
         try:
-            parsed = manifests.parse(body)
+            parsed = jsonread.parse_manifest(body)
         except manifests.NotAManifest as problem:
             raise Fatal(f"{where}: {digest} is not a manifest: {problem}", "check the source") from None
+        self._manifest_bytes += len(body)
+        if self._manifest_bytes > MAX_MANIFEST_BYTES:
+            raise Fatal(f"{where}: the sources' manifests add up to more than {MAX_MANIFEST_BYTES} bytes",
+                        "no real set of images comes near that; check where the source came from")
         self._manifests[digest] = parsed
         return parsed
