@@ -12,9 +12,11 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["minimal_registry", "minimal_registry.*"]),
     install_requires=[
-        # gevent 24.2 is the first release with the pywsgi behaviour the handler subclass relies
-        # on; 27 may change WSGIHandler internals.
+        # gevent 24.2 is the oldest release tested. The server overrides StreamServer's accept
+        # hooks (do_read, full, wrap_socket_and_handle), which a new major release may change.
         "gevent>=24.2,<27",
+        # llhttp, Node's HTTP parser, parses every request (connection.py).
+        "httptools>=0.6,<0.10",
         # docopt-ng is the maintained docopt (same `import docopt`).
         "docopt-ng>=0.9,<1",
     ],
