@@ -11,6 +11,7 @@ up to SHUTDOWN_GRACE seconds, exit 0.
 
 import errno
 import logging
+import os
 import resource
 import select
 import signal
@@ -20,6 +21,8 @@ import time
 
 import gevent
 import gevent.event
+import gevent.os
+import gevent.socket
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 
@@ -111,6 +114,9 @@ class RegistryServer(WSGIServer):
     """A WSGIServer whose connections share the timeouts, the log settings and the table."""
 
     handler_class = Connection
+    # gevent's default of 128 drops the SYNs of a burst (500 nodes' pulls at once), which
+    # clients retry only after a second; the kernel caps this at net.core.somaxconn, as Go does.
+    backlog = 4096
     idle_timeout = IDLE_TIMEOUT
     header_timeout = HEADER_TIMEOUT
     send_timeout = SEND_TIMEOUT
@@ -230,24 +236,38 @@ def serve(config: ServeConfig) -> int:
 
     repositories = tree.repository_names()
     tag_count = sum(len(layout.tags(layout.manifests_dir(config.directory, name))) for name in repositories)
-    for server in servers:
-        server.start()
-    limit_note = ""
+    notes = []
     if max_connections < config.max_connections:
-        limit_note = (f" (--max-connections lowered from {config.max_connections} to {max_connections}:"
-                      f" the open-file limit is {open_files}; raise LimitNOFILE to serve more)")
-    log.info("serving %s: %d repositories, %d tags, listening on %s%s", config.directory, len(repositories),
-             tag_count, " ".join(_url(server) for server in servers), limit_note)
-    sys.stderr.flush()
-    notify("READY=1")
+        notes.append(f"--max-connections lowered from {config.max_connections} to {max_connections}:"
+                     f" the open-file limit is {open_files}; raise LimitNOFILE to serve more")
+    if config.workers > 1:
+        notes.append(f"{config.workers} worker processes, each up to {max_connections} connections")
+    start_line = "serving %s: %d repositories, %d tags, listening on %s%s" % (
+        config.directory, len(repositories), tag_count, " ".join(_url(server) for server in servers),
+        "".join(f" ({note})" for note in notes))
+    if config.workers > 1:
+        return _supervise(config.workers, servers, table, start_line)
 
+    def announce():
+        log.info("%s", start_line)
+        sys.stderr.flush()
+        notify("READY=1")
+
+    return _serve_until_stopped(servers, table, announce, announce_stop=True)
+
+
+def _serve_until_stopped(servers, table: ConnectionTable, on_listening, announce_stop: bool) -> int:
     stop = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
+    for server in servers:
+        server.start()
+    on_listening()
     stop.wait()
 
-    notify("STOPPING=1")
-    log.info("stopping: finishing downloads in progress (at most %ss)", SHUTDOWN_GRACE)
+    if announce_stop:
+        notify("STOPPING=1")
+        log.info("stopping: finishing downloads in progress (at most %ss)", SHUTDOWN_GRACE)
     table.stopping = True
     for server in servers:
         server.close()
@@ -258,8 +278,106 @@ def serve(config: ServeConfig) -> int:
     if unfinished:
         log.warning("%d connections still busy after %ss: closing them", unfinished, SHUTDOWN_GRACE)
         table.pool.kill(block=True, timeout=1)
+    if announce_stop:
+        log.info("stopped")
+    return 0
+
+
+# --- several worker processes ---------------------------------------------------------------
+
+WORKER_START_TIMEOUT = 30.0
+WORKER_RESTART_DELAY = 1.0
+
+
+def _supervise(count: int, servers, table: ConnectionTable, start_line: str) -> int:
+    """Fork `count` workers sharing the bound sockets (the kernel spreads the accepts), tell
+    systemd READY=1 once every one listens, forward SIGTERM/SIGINT, restart a worker that dies.
+    """
+    ready_read, ready_write = os.pipe()
+    first_start = [True]  # workers started later (restarts) report nothing on the pipe
+    workers = {}  # pid -> worker number
+    stop = gevent.event.Event()
+    signal_handlers = []
+
+    def start_worker(number: int) -> None:
+        pid = gevent.os.fork_and_watch(callback=lambda watcher: exited(watcher.pid, watcher.rstatus))
+        if pid == 0:  # the worker
+            # A restarted worker inherits the parent's signal handlers: only its own may run.
+            for handler in signal_handlers:
+                handler.cancel()
+            workers.clear()
+            reports = first_start[0]
+            if reports:
+                os.close(ready_read)
+
+            def listening():
+                if reports:
+                    os.write(ready_write, b"r")
+                    os.close(ready_write)
+
+            code = 1
+            try:
+                code = _serve_until_stopped(servers, table, listening, announce_stop=False)
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        workers[pid] = number
+
+    def exited(pid: int, status: int) -> None:
+        number = workers.pop(pid, None)
+        if number is None or stop.is_set():
+            return
+        log.warning("worker %d (pid %d) ended unexpectedly (%s): starting another",
+                    number, pid, _wait_status(status))
+        gevent.spawn_later(WORKER_RESTART_DELAY, lambda: stop.is_set() or start_worker(number))
+
+    for number in range(1, count + 1):
+        start_worker(number)
+    os.close(ready_write)
+    first_start[0] = False
+    # The parent never accepts: its copies of the listening sockets only serve restarts.
+    ready = b""
+    deadline = time.monotonic() + WORKER_START_TIMEOUT
+    while len(ready) < count and time.monotonic() < deadline:
+        try:
+            gevent.socket.wait_read(ready_read, timeout=max(deadline - time.monotonic(), 0.01))
+        except socket.timeout:
+            break
+        chunk = os.read(ready_read, count)
+        if not chunk:
+            break
+        ready += chunk
+    os.close(ready_read)
+    if len(ready) < count:
+        log.error("only %d of %d workers started", len(ready), count)
+    log.info("%s", start_line)
+    sys.stderr.flush()
+    notify("READY=1")
+
+    signal_handlers.extend(gevent.signal_handler(signum, stop.set) for signum in (signal.SIGTERM, signal.SIGINT))
+    # Signal and child watchers do not keep gevent's loop alive: a timed wait does.
+    while not stop.wait(timeout=1.0):
+        pass
+    notify("STOPPING=1")
+    log.info("stopping: finishing downloads in progress (at most %ss)", SHUTDOWN_GRACE)
+    for pid in list(workers):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + SHUTDOWN_GRACE + 5
+    while workers and time.monotonic() < deadline:
+        gevent.sleep(0.02)
+    for pid in list(workers):
+        os.kill(pid, signal.SIGKILL)
     log.info("stopped")
     return 0
+
+
+def _wait_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {os.WTERMSIG(status)}"
+    return f"exit code {os.WEXITSTATUS(status)}"
 
 
 def _bind(address, app, table, config: ServeConfig) -> RegistryServer:
