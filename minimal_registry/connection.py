@@ -1,7 +1,7 @@
 """One client connection: read requests with llhttp, call the WSGI app, write the answers.
 
-`Connection` is the `handler_class` of our gevent `WSGIServer` (server.py): gevent accepts,
-this class does everything from the socket to the app call and back.
+`Connection` is the `handler_class` of our gevent server (server.py): gevent accepts, this
+class does everything from the socket to the app call and back.
 
 - Requests are parsed by `httptools` (the Python binding of llhttp, Node's parser), strictly
   (RFC 9112): two Content-Lengths, whitespace before a colon, Content-Length with
@@ -28,7 +28,6 @@ import logging
 import os
 import socket
 import time
-from email.utils import formatdate
 from urllib.parse import unquote_to_bytes
 
 import gevent
@@ -40,7 +39,7 @@ from minimal_registry.errors import RegistryError
 log = logging.getLogger("minimal_registry")
 
 RECV_SIZE = 65536
-# RFC 9112 section 3 leaves the limits to the server; these are pywsgi's, which clients met.
+# RFC 9112 section 3 leaves the limits to the server; these are gevent pywsgi's, which clients met.
 MAX_URL = 8192
 MAX_HEAD = 65536
 MAX_HEADERS = 100
@@ -111,9 +110,20 @@ class _Clock:
         second = int(now)
         if second != self.second:
             self.second = second
-            self.http_date = formatdate(second, usegmt=True)
+            self.http_date = _http_date(second)
             self.local_stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(second)) + _utc_offset(second)
             self.utc_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _http_date(second: int) -> str:
+    """RFC 9110 section 5.6.7 IMF-fixdate (English names whatever the locale)."""
+    t = time.gmtime(second)
+    return "%s, %02d %s %04d %02d:%02d:%02d GMT" % (_DAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year,
+                                                    t.tm_hour, t.tm_min, t.tm_sec)
 
 
 def _utc_offset(second: int) -> str:
