@@ -277,7 +277,7 @@ class Connection:
                     return
                 first = False
                 # The rest of the head, within the deadline.
-                while not ready:
+                while not ready and self.in_head:
                     sock.settimeout(max(deadline - time.time(), 0.001))
                     try:
                         data = sock.recv(RECV_SIZE)

@@ -66,6 +66,7 @@ class ConnectionTable:
         self.limit = limit
         self.pool = Pool()  # unbounded: the cap is ours, so that it can evict
         self.waiting = {}  # greenlet -> None, in the order they started waiting
+        self.ending = set()  # taken out of `waiting` to be ended, unless a request comes first
         self.servers = []
         self.paused = False
         self.stopping = False
@@ -82,6 +83,7 @@ class ConnectionTable:
 
     def stop_waiting(self, greenlet) -> None:
         self.waiting.pop(greenlet, None)
+        self.ending.discard(greenlet)
 
     def _ended(self, _greenlet) -> None:
         if self.paused:
@@ -96,15 +98,25 @@ class ConnectionTable:
     def evict_oldest(self) -> bool:
         """End the connection that has waited longest for a request; False if none waits."""
         for greenlet in self.waiting:
-            del self.waiting[greenlet]
-            greenlet.kill(ConnectionEnded, block=False)
+            self._end(greenlet)
             return True
         return False
 
     def end_waiting(self) -> None:
         for greenlet in list(self.waiting):
-            greenlet.kill(ConnectionEnded, block=False)
-        self.waiting.clear()
+            self._end(greenlet)
+
+    def _end(self, greenlet) -> None:
+        del self.waiting[greenlet]
+        self.ending.add(greenlet)
+        # Thrown from the loop, and only if the connection still waits by then: a request
+        # that arrived in the meantime is answered, not cut.
+        gevent.get_hub().loop.run_callback(self._end_if_still_waiting, greenlet)
+
+    def _end_if_still_waiting(self, greenlet) -> None:
+        if greenlet in self.ending:
+            self.ending.discard(greenlet)
+            greenlet.throw(ConnectionEnded)
 
     def __len__(self) -> int:
         return len(self.pool)

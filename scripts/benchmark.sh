@@ -333,7 +333,9 @@ chmod 755 "${WORK}"  # nginx's workers run as an unprivileged user
 : >"${WORK}/results"
 SUBJECTS=(nginx-auto nginx-1 source)
 [[ -n "${BINARY}" ]] && SUBJECTS+=(binary)
-if PYTHONPATH="${ROOT}" "${PYTHON}" -m minimal_registry --help 2>/dev/null | grep -q -- "--workers"; then
+# (Not `| grep -q`: with pipefail, grep leaving early fails the pipeline.)
+USAGE="$(PYTHONPATH="${ROOT}" "${PYTHON}" -m minimal_registry --help 2>/dev/null || true)"
+if [[ "${USAGE}" == *--workers* ]]; then
   SUBJECTS+=(source-workers2)
 fi
 build_tree
