@@ -7,8 +7,10 @@ class does everything from the socket to the app call and back.
   (RFC 9112): two Content-Lengths, whitespace before a colon, Content-Length with
   Transfer-Encoding, NUL or bare CR in a header, obs-fold, a missing or doubled Host on
   HTTP/1.1, an HTTP/0.9 line, junk: `400` with the OCI error body, and the connection closed.
-- Pipelined requests are answered in order. Request bodies are never read (no endpoint takes
-  one): the connection is closed after answering, with a lingering half-close.
+- Pipelined requests are answered in order, each after the other connections had their
+  turn (a busy or pipelining client cannot hold the loop). Request bodies are never read
+  (no endpoint takes one): the connection is closed after answering, with a lingering
+  half-close.
 - Deadlines: a new connection must send its whole first request head within the header
   timeout of being accepted; a kept-alive one may wait the idle timeout for its next request,
   then has the header timeout from that request's first byte. Every send may stall at most
@@ -296,6 +298,11 @@ class Connection:
             if ready or self.in_head:
                 # The next pipelined request: its head started arriving already.
                 deadline = time.time() + server.header_timeout
+            # Let the other connections run before this one's next request: when that request
+            # is already in the socket, recv returns without yielding, and a busy client would
+            # otherwise be served again and again while the others wait (wrk's p99: 19 ms
+            # with this, 110-240 ms without).
+            gevent.sleep(0)
 
     def _feed(self, data: bytes, first: bool) -> bool:
         """Parse what arrived; False when the connection must end (after answering)."""
