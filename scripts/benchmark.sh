@@ -325,6 +325,8 @@ PY
 }
 
 parse_args "$@"
+# `python -m` looks in the current directory first: measure this tree, not another checkout.
+cd "${ROOT}"
 check_tools
 find_binary
 WORK="$(mktemp -d)"
