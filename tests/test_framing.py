@@ -141,3 +141,48 @@ def test_header_names_with_underscores_cannot_pose_as_dashes(registry, full_tree
     answer = raw(registry, f"GET /v2/library/hello/blobs/{layer.digest} HTTP/1.1\r\nHost: x\r\n"
                            "If_None_Match: *\r\nConnection: close\r\n\r\n".encode())
     assert status_of(answer) == 200
+
+
+def test_the_environ_is_what_pep_3333_asks(small_tree):
+    """In-process: wsgiref's validator checks every environ the handler builds (it fails the
+    request on a missing or mistyped key) and the app sees the decoded path and the headers."""
+    import wsgiref.validate
+
+    import gevent
+    from gevent import socket as gsocket
+
+    from minimal_registry.server import ConnectionTable, RegistryServer
+
+    seen = []
+
+    def app(environ, start_response):
+        seen.append(dict(environ))
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+
+    server = RegistryServer(("127.0.0.1", 0), wsgiref.validate.validator(app), table=ConnectionTable(10),
+                            access_log=None)
+    server.start()
+    try:
+        client = gsocket.create_connection(server.address, timeout=10)
+        client.sendall(b"GET /v2/a%20b/manifests/x?n=1&last=y HTTP/1.1\r\nHost: h:1\r\nX-Two: a\r\nX-Two: b\r\n"
+                       b"Connection: close\r\n\r\n")
+        answer = b""
+        while True:
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        client.close()
+    finally:
+        server.table.stopping = True
+        server.close()
+        server.table.end_waiting()
+        gevent.sleep(0)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\nok"), answer
+    (environ,) = seen
+    assert environ["REQUEST_METHOD"] == "GET" and environ["PATH_INFO"] == "/v2/a b/manifests/x"
+    assert environ["QUERY_STRING"] == "n=1&last=y" and environ["SERVER_PROTOCOL"] == "HTTP/1.1"
+    assert environ["HTTP_HOST"] == "h:1" and environ["HTTP_X_TWO"] == "a,b"
+    assert environ["wsgi.url_scheme"] == "http" and environ["REMOTE_ADDR"] == "127.0.0.1"
+    assert callable(environ["wsgi.file_wrapper"])
