@@ -411,7 +411,7 @@ class Connection:
             send_body = request.method != b"HEAD" and status[:3].encode() not in NO_BODY_STATUSES
             length = None
             for name, value in headers:
-                if name == "Content-Length":
+                if name == "Content-Length" or (len(name) == 14 and name.lower() == "content-length"):
                     length = int(value)
             app_lines = "".join(["%s: %s\r\n" % header for header in headers])
             if app_lines.count("\n") != len(headers) or app_lines.count("\r") != len(headers):
