@@ -222,18 +222,7 @@ def test_max_connections_is_lowered_to_what_the_open_file_limit_fits_and_said(sm
 
 
 def start_registry_with_limits(tree, soft, hard):
-    import serverproc
-
-    original = subprocess.Popen
-
-    def popen_with_limits(*args, **kwargs):
-        return original(*args, preexec_fn=_limit_open_files(soft, hard), **kwargs)
-
-    serverproc.subprocess.Popen = popen_with_limits
-    try:
-        return start_registry(tree.root)
-    finally:
-        serverproc.subprocess.Popen = original
+    return start_registry(tree.root, preexec_fn=_limit_open_files(soft, hard))
 
 
 def test_accept_out_of_descriptors_backs_off_instead_of_spinning(small_tree):
