@@ -23,7 +23,6 @@ import gevent
 import gevent.event
 import gevent.os
 import gevent.socket
-from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from minimal_registry import layout
@@ -64,7 +63,7 @@ class ConnectionTable:
 
     def __init__(self, limit: int):
         self.limit = limit
-        self.pool = Pool()  # unbounded: the cap is ours, so that it can evict
+        self.connections = set()  # their greenlets (not a gevent Pool: the cap is ours, to evict)
         self.waiting = {}  # greenlet -> None, in the order they started waiting
         self.ending = set()  # taken out of `waiting` to be ended, unless a request comes first
         self.servers = []
@@ -72,9 +71,16 @@ class ConnectionTable:
         self.stopping = False
 
     def spawn(self, function, *args):
-        greenlet = self.pool.spawn(function, *args)
+        greenlet = gevent.Greenlet.spawn(function, *args)
+        self.connections.add(greenlet)
         greenlet.rawlink(self._ended)
         return greenlet
+
+    def join(self, timeout: float) -> None:
+        gevent.joinall(list(self.connections), timeout=timeout)
+
+    def kill_all(self) -> None:
+        gevent.killall(list(self.connections), block=True, timeout=1)
 
     def start_waiting(self, greenlet) -> None:
         self.waiting[greenlet] = None
@@ -85,7 +91,8 @@ class ConnectionTable:
         self.waiting.pop(greenlet, None)
         self.ending.discard(greenlet)
 
-    def _ended(self, _greenlet) -> None:
+    def _ended(self, greenlet) -> None:
+        self.connections.discard(greenlet)
         if self.paused:
             self.resume()
 
@@ -119,7 +126,7 @@ class ConnectionTable:
             greenlet.throw(ConnectionEnded)
 
     def __len__(self) -> int:
-        return len(self.pool)
+        return len(self.connections)
 
 
 class RegistryServer(StreamServer):
@@ -307,11 +314,11 @@ def _serve_until_stopped(servers, table: ConnectionTable, on_listening, announce
         server.close()
     # Connections waiting for a request have nothing to finish: end them now.
     table.end_waiting()
-    table.pool.join(timeout=SHUTDOWN_GRACE)
+    table.join(timeout=SHUTDOWN_GRACE)
     unfinished = len(table)
     if unfinished:
         log.warning("%d connections still busy after %ss: closing them", unfinished, SHUTDOWN_GRACE)
-        table.pool.kill(block=True, timeout=1)
+        table.kill_all()
     if announce_stop:
         log.info("stopped")
     return 0
