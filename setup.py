@@ -12,9 +12,12 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["minimal_registry", "minimal_registry.*"]),
     install_requires=[
-        # gevent 24.2 is the first release with the pywsgi behaviour the handler subclass relies
-        # on; 27 may change WSGIHandler internals.
+        # The server overrides StreamServer's accept hooks (do_read, full,
+        # wrap_socket_and_handle), which a new major release may change; nothing of pywsgi is used.
         "gevent>=24.2,<27",
+        # llhttp, Node's HTTP parser, parses every request (connection.py); 0.9 is the release
+        # whose strictness the tests check (its llhttp refuses what RFC 9112 says to refuse).
+        "httptools>=0.9,<1",
         # docopt-ng is the maintained docopt (same `import docopt`).
         "docopt-ng>=0.9,<1",
     ],

@@ -1,8 +1,9 @@
 """The WSGI application: route a request, call its handler, write the Response.
 
 This is the one module that speaks WSGI. It works under any WSGI server (the tests drive it
-with plain dicts and under `wsgiref.validate`); under minimal-registry's own gevent handler
-a file body goes out with zero-copy sendfile, elsewhere it is read in large chunks.
+with plain dicts and under `wsgiref.validate`). A file body goes to the server's PEP 3333
+`wsgi.file_wrapper` (minimal-registry's own handler sends it with zero-copy sendfile);
+without one it is read in large chunks.
 """
 
 import http
@@ -19,9 +20,6 @@ from minimal_registry.storage import ContentTree
 
 log = logging.getLogger("minimal_registry")
 
-# The environ key under which a server offers zero-copy file sending:
-# environ[SENDFILE_KEY](file, offset, length) -> an iterable the server recognises.
-SENDFILE_KEY = "minimal_registry.sendfile"
 READ_CHUNK = 1024 * 1024
 ALLOWED_METHODS = ("GET", "HEAD")
 
@@ -77,9 +75,11 @@ class RegistryApp:
         start_response(_status_line(response.status), response.headers + [API_VERSION_HEADER])
         if file is None:
             return [response.body] if response.body else []
-        sendfile = environ.get(SENDFILE_KEY)
-        if sendfile is not None:
-            return sendfile(file, body.offset, body.length)
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if file_wrapper is not None:
+            # PEP 3333: the server sends from the file's position, Content-Length bytes.
+            file.seek(body.offset)
+            return file_wrapper(file, READ_CHUNK)
         return FileChunks(file, body.offset, body.length)
 
 

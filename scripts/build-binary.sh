@@ -179,7 +179,7 @@ ensure_venv() {
     "${BUILD_PYTHON}" -m venv "${VENV}"
     # Wheels only: nothing but staticx compiles, so the pins alone decide what is bundled.
     "${VENV}/bin/pip" install -q --only-binary=:all: -c "${CONSTRAINTS}" \
-        gevent greenlet zope.event zope.interface docopt-ng zstandard \
+        gevent greenlet zope.event zope.interface docopt-ng httptools zstandard \
         pyinstaller pyinstaller-hooks-contrib altgraph packaging pyelftools setuptools wheel
     install_staticx
     echo "${stamp}" >"${VENV}/.stamp"

@@ -63,3 +63,35 @@ def sha256_of_body(registry, path: str, headers=None) -> Tuple[int, str, int]:
         return response.status, "sha256:" + digest.hexdigest(), size
     finally:
         connection.close()
+
+
+def read_response(sock_file, method: str = "GET") -> Tuple[int, Dict[str, str], bytes]:
+    """One response from a socket's file (`sock.makefile("rb")`), leaving the next one unread:
+    for pipelined requests, whose answers share one buffer."""
+    status_line = sock_file.readline()
+    if not status_line:
+        raise ConnectionError("closed before an answer")
+    status = int(status_line.split(b" ", 2)[1])
+    headers = {}
+    while True:
+        line = sock_file.readline()
+        if line in (b"\r\n", b""):
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip()] = value.strip()
+    length = 0 if method == "HEAD" or status in (204, 304) else int(headers.get("Content-Length", 0))
+    return status, headers, sock_file.read(length)
+
+
+def closed_after(sock, timeout: float = TIMEOUT) -> bool:
+    """True when the server closes the connection (reading gives EOF or a reset) in time."""
+    sock.settimeout(timeout)
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False

@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LISTENING_RE = re.compile(r"listening on (https?)://(\S+?)/?(?:\s|$)")
@@ -79,12 +79,14 @@ def running_registry(root: Path, *args: str, log_path: Optional[Path] = None,
 
 
 def start_registry(root: Path, *args: str, log_path: Optional[Path] = None,
-                   env: Optional[dict] = None, listen: str = "127.0.0.1:0") -> RunningRegistry:
+                   env: Optional[dict] = None, listen: str = "127.0.0.1:0",
+                   preexec_fn: Optional[Callable[[], None]] = None) -> RunningRegistry:
+    """Start the registry; `preexec_fn` runs in the child before it (e.g. to set rlimits)."""
     log_path = log_path or Path(root).parent / f"registry-{os.getpid()}-{time.monotonic_ns()}.log"
     command = registry_command() + ["-d", str(root)] + (["-l", listen] if listen else []) + list(args)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, env=command_env(env))
+                                   stdin=subprocess.DEVNULL, env=command_env(env), preexec_fn=preexec_fn)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         match = LISTENING_RE.search(log_path.read_text(errors="replace"))

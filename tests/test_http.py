@@ -6,6 +6,7 @@ import signal
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -216,8 +217,9 @@ def test_a_tls_handshake_on_the_http_port_is_refused_with_one_clean_log_line(reg
     assert "\x16" not in log and "gevent._socket3" not in log
 
 
-def test_blobs_leave_by_sendfile_never_read_into_python(full_tree, tmp_path):
-    """Zero-copy (P14): the kernel copies the file to the socket; Python never reads it."""
+@contextmanager
+def traced_registry(root, tmp_path, syscalls, *args):
+    """The registry under strace, tracing `syscalls`; yields (registry, trace file)."""
     import shutil
     import subprocess
 
@@ -225,10 +227,10 @@ def test_blobs_leave_by_sendfile_never_read_into_python(full_tree, tmp_path):
 
     strace = shutil.which("strace")
     assert strace, "strace is needed to watch the server's system calls (apt-get install strace)"
-    layer = full_tree.big.layers[0]
     trace, log_path = tmp_path / "trace", tmp_path / "registry.log"
-    command = [strace, "-f", "-qq", "-e", "trace=sendfile,read", "-e", "read=none", "-o", str(trace)]
-    command += registry_command() + ["-d", str(full_tree.root), "-l", "127.0.0.1:0"]
+    command = [strace, "-f", "-qq", "-e", f"trace={syscalls}", "-e", "read=none", "-e", "write=none",
+               "-s", "0", "-o", str(trace)]
+    command += registry_command() + ["-d", str(root), "-l", "127.0.0.1:0", *args]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=command_env())
     try:
@@ -237,9 +239,7 @@ def test_blobs_leave_by_sendfile_never_read_into_python(full_tree, tmp_path):
             time.sleep(0.05)
         match = LISTENING_RE.search(log_path.read_text())
         assert match, log_path.read_text()
-        registry = RunningRegistry(process, full_tree.root, log_path, "http", match.group(2))
-        status, digest, size = sha256_of_body(registry, f"/v2/big/blob/blobs/{layer.digest}")
-        assert (status, digest, size) == (200, layer.digest, layer.size)
+        yield RunningRegistry(process, root, log_path, "http", match.group(2)), trace
     finally:
         # Stop the traced server itself; strace then exits with it.
         for child in subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split():
@@ -248,12 +248,60 @@ def test_blobs_leave_by_sendfile_never_read_into_python(full_tree, tmp_path):
             process.wait(15)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def call_name(line: str) -> str:
+    """`read` of `1234  read(5, ...) = 10`: strace -f prefixes each line with the pid."""
+    return line.split(None, 1)[-1].split("(", 1)[0]
+
+
+def returned(line: str) -> int:
+    value = line.rsplit("=", 1)[1].strip()
+    return int(value) if value.isdigit() else -1
+
+
+def test_blobs_leave_by_sendfile_never_read_into_python(full_tree, tmp_path):
+    """Zero-copy (P14): the kernel copies the file to the socket; Python never reads it."""
+    layer = full_tree.big.layers[0]
+    with traced_registry(full_tree.root, tmp_path, "sendfile,read") as (registry, trace):
+        status, digest, size = sha256_of_body(registry, f"/v2/big/blob/blobs/{layer.digest}")
+        assert (status, digest, size) == (200, layer.digest, layer.size)
     calls = trace.read_text().splitlines()
-    sent = sum(int(line.rsplit("=", 1)[1]) for line in calls if "sendfile(" in line and line.rsplit("=", 1)[1].strip().isdigit())
+    sent = sum(returned(line) for line in calls if "sendfile(" in line and returned(line) > 0)
     assert sent == layer.size
-    big_reads = [line for line in calls if line.split(" ", 1)[-1].startswith("read(") and line.rsplit("=", 1)[1].strip().isdigit()
-                 and int(line.rsplit("=", 1)[1]) >= 1 << 20]
+    reads = [line for line in calls if call_name(line) == "read"]
+    assert reads  # the trace does see reads (the content tree's manifests and links)
+    big_reads = [line for line in reads if returned(line) >= 1 << 20]
     assert big_reads == []  # nothing read the blob into Python
+
+
+def test_each_answer_leaves_in_as_few_system_calls_as_it_can(full_tree, tmp_path):
+    """A manifest's head and body in one send; a blob's head held back with MSG_MORE to share
+    the file's first packet, then sendfile; one write per access-log line."""
+    image, layer = full_tree.hello, full_tree.hello.layers[0]
+    with traced_registry(full_tree.root, tmp_path, "sendto,sendfile,write") as (registry, trace):
+        answer = raw(registry, b"GET /v2/library/hello/manifests/latest HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert answer.endswith(image.data)
+        manifest_answer = len(answer)
+        connection = connect(registry)
+        connection.request("GET", f"/v2/library/hello/blobs/{layer.digest}")
+        assert connection.getresponse().read() == layer.data
+        connection.close()
+        time.sleep(0.3)
+        access_lines = [line for line in registry.log().splitlines() if '"GET /v2/library/hello/' in line]
+    all_lines = registry.log().splitlines()
+    calls = [line for line in trace.read_text().splitlines() if "resumed" not in line]
+    sends = [line for line in calls if "sendto(" in line]
+    # One sendto carries the manifest's whole answer (head and body).
+    assert any(returned(line) == manifest_answer for line in sends), sends
+    # The blob: its head with MSG_MORE, then the file by sendfile.
+    more = [index for index, line in enumerate(calls) if "sendto(" in line and "MSG_MORE" in line]
+    assert len(more) == 1
+    assert any("sendfile(" in line and returned(line) == layer.size for line in calls[more[0] + 1:])
+    # One write(2) to stderr per log line, the access log's two included.
+    assert len(access_lines) == 2
+    log_writes = [line for line in calls if call_name(line) == "write" and "write(2," in line]
+    assert len(log_writes) == len(all_lines), (log_writes, all_lines)
 
 
 def test_random_bytes_never_get_a_500_and_the_server_survives(registry):

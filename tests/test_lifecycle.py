@@ -205,22 +205,6 @@ def test_stalled_half_sent_requests_do_not_delay_others_and_are_dropped(small_tr
         registry.stop()
 
 
-def test_max_connections_caps_concurrent_connections(small_tree):
-    with running_registry(small_tree.root, "--max-connections", "2") as registry:
-        held = [connect(registry) for _ in range(2)]
-        for connection in held:
-            connection.request("GET", "/v2/")
-            connection.getresponse().read()  # both kept alive, holding the two places
-        third = connect(registry, timeout=1.5)
-        with pytest.raises(socket.timeout):
-            third.request("GET", "/v2/")
-            third.getresponse()
-        third.close()
-        held[0].close()
-        assert request(registry, "GET", "/v2/")[0] == 200  # a place is free again
-        held[1].close()
-
-
 def test_ipv6_loopback(small_tree):
     if not socket.has_ipv6:
         pytest.fail("this machine's Python has no IPv6")

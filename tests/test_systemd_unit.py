@@ -462,10 +462,10 @@ def payload(directory: Path) -> Path:
     if binary:
         shutil.copy(binary, directory / "minimal-registry")
         return directory
-    import docopt, gevent, greenlet, zope.event, zope.interface  # noqa: E401
+    import docopt, gevent, greenlet, httptools, zope.event, zope.interface  # noqa: E401
     shutil.copytree(PROJECT_ROOT / "minimal_registry", lib / "minimal_registry",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    for module in (docopt, gevent, greenlet):
+    for module in (docopt, gevent, greenlet, httptools):
         source = Path(module.__file__).parent
         shutil.copytree(source, lib / source.name, ignore=shutil.ignore_patterns("tests", "__pycache__"))
     shutil.copytree(Path(zope.interface.__file__).parent.parent, lib / "zope",
