@@ -156,7 +156,7 @@ def test_a_missing_image_fails_the_run_and_is_named(tmp_path, upstream, lists):
 
     assert done.returncode == 1
     assert counts == (2, 0, 1), done.stderr
-    failed = [line for line in done.stderr.splitlines() if line.startswith("[WARN] failed:")]
+    failed = [line for line in done.stderr.splitlines() if line.startswith("[WARN]  failed:")]
     assert len(failed) == 1 and missing in failed[0]
     assert tag_digest(target, tree.multiarch.name, tree.multiarch.tag) == tree.multiarch.digest
 

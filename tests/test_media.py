@@ -246,6 +246,26 @@ def test_not_enough_space_is_refused(inputs, tree, tmp_path):
         run(["umount", small])
 
 
+
+def test_not_enough_space_for_images_only_media_is_refused(inputs, tree, tmp_path):
+    """Images-only media has no k3s: the space check still runs, on what it does carry."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", small])
+    if mounted.returncode != 0:
+        pytest.fail(f"this test mounts a 64 KiB tmpfs and needs root: {mounted.stderr}", pytrace=False)
+    try:
+        args = ["--images-only", "--arch", "amd64", "-m", inputs.registry]
+        if inputs.registry.read_bytes()[:2] == b"#!":
+            args.append("--allow-script")
+        result = run([MAKE_MEDIA, "-o", small, "-r", tree, *args], env=inputs.env())
+        assert result.returncode == 1, describe(result)
+        errors = [line for line in result.stderr.splitlines() if not line.startswith(("[INFO]", "[WARN]"))]
+        assert len(errors) == 1 and errors[0].startswith("[ERROR] not enough space on"), result.stderr
+        assert list(small.iterdir()) == []
+    finally:
+        run(["umount", small])
+
 # ----- bundles --------------------------------------------------------------------------------
 
 def test_bundle_is_copied_as_is(media, inputs, tmp_path):
