@@ -43,6 +43,9 @@
 #                          largest image).
 #
 # Every image is laid into the tree by `minimal-registry import`, which checks every digest.
+# References are read by `minimal-registry normalize`, the way docker and containerd read
+# them: `busybox` is docker.io/library/busybox, filed as library/busybox (with -n,
+# docker.io/library/busybox), as `import` files a docker-save archive's busybox:latest.
 # Images already in the tree, with the same digest and platforms, are not pulled again. The
 # run ends with a summary (pulled, skipped, failed) and exits 1 if any image failed.
 
@@ -71,11 +74,13 @@ SKIP_K3S=""
 TOOL=""
 
 WORK_DIR=""
+DOMAIN=""
 NAME=""
 TAG=""
 TLS=()
 MR=()
 IMAGES=()
+REFERENCES=()
 PULLED=()
 SKIPPED=()
 FAILED=()
@@ -96,19 +101,6 @@ usage() {
 cleanup() {
     if [[ -n "${WORK_DIR}" && -d "${WORK_DIR}" ]]; then
         rm -rf -- "${WORK_DIR}"
-    fi
-}
-
-# The registry host of an image reference, as docker and containerd read it.
-image_domain() {
-    local first="${1%%/*}"
-    if [[ "$1" == */* && ( "${first}" == *.* || "${first}" == *:* || "${first}" == localhost ) ]]; then
-        case "${first}" in
-            index.docker.io | registry-1.docker.io) echo "docker.io" ;;
-            *) echo "${first}" ;;
-        esac
-    else
-        echo "docker.io"
     fi
 }
 
@@ -236,25 +228,29 @@ read_lists() {
     info "${#IMAGES[@]} images for ${PLATFORM}"
 }
 
-# Sets NAME and TAG from an image reference (`name:tag`, `name`, `name@sha256:...`).
-split_reference() {
-    local image="${1%@*}" last
-    last="${image##*/}"
-    if [[ "${last}" == *:* ]]; then
-        NAME="${image%:*}"
-        TAG="${last##*:}"
-    else
-        NAME="${image}"
-        TAG="latest"
-    fi
+# Every reference as minimal-registry reads it, `DOMAIN PATH TAG` in REFERENCES (one per
+# image), so this script and the importer cannot disagree on what a list names (`busybox` is
+# docker.io library/busybox). A reference it cannot read stops the run before any pull.
+normalize_references() {
+    local described
+    described="$("${MR[@]}" normalize "${IMAGES[@]}")" ||
+        fatal "the image lists hold a reference minimal-registry cannot read (see above)"
+    mapfile -t REFERENCES <<<"${described}"
+    ((${#REFERENCES[@]} == ${#IMAGES[@]})) ||
+        fatal "'${MR[*]} normalize' answered ${#REFERENCES[@]} lines for ${#IMAGES[@]} images"
+}
+
+# Sets DOMAIN, NAME (the full name, for import --name) and TAG from a REFERENCES line.
+use_reference() {
+    local path
+    read -r DOMAIN path TAG <<<"$1"
+    NAME="${DOMAIN}/${path}"
 }
 
 # The tool's options for a registry: plain HTTP ones get no TLS verification.
 tls_args() {
-    local domain
-    domain="$(image_domain "$1")"
     TLS=()
-    if is_plain_http "${domain}"; then
+    if is_plain_http "${DOMAIN}"; then
         if [[ "${TOOL}" == skopeo ]]; then TLS=(--tls-verify=false); else TLS=(--insecure); fi
     fi
 }
@@ -262,7 +258,7 @@ tls_args() {
 # The top manifest (an index, usually) byte for byte: it fixes the tag's digest.
 fetch_top_manifest() {
     local image="$1" out="$2"
-    tls_args "${image}"
+    tls_args
     if [[ "${TOOL}" == skopeo ]]; then
         skopeo inspect --raw "${TLS[@]}" "docker://${image}" >"${out}"
     else
@@ -273,7 +269,7 @@ fetch_top_manifest() {
 # Download the image's content for PLATFORM into directories under $2, one per platform.
 pull_content() {
     local image="$1" dir="$2" platform number=0 os arch variant
-    tls_args "${image}"
+    tls_args
     if [[ "${PLATFORM}" == all ]]; then
         if [[ "${TOOL}" == skopeo ]]; then
             # dir: keeps every manifest byte for byte; oci: would convert Docker ones (new digests).
@@ -329,7 +325,7 @@ pull_once() {
 pull_image() {
     local image="$1" attempt status
     local dir="${WORK_DIR}/image"
-    split_reference "${image}"
+    use_reference "$2"
     for ((attempt = 1; attempt <= PULL_RETRIES; attempt++)); do
         status=0
         pull_once "${image}" "${dir}" 2> >(tee "${WORK_DIR}/attempt.err" >&2) || status=$?
@@ -351,21 +347,21 @@ pull_image() {
 }
 
 pull_all() {
-    local image
-    for image in "${IMAGES[@]}"; do
-        info "pulling ${image}"
-        pull_image "${image}"
+    local index
+    for index in "${!IMAGES[@]}"; do
+        info "pulling ${IMAGES[index]}"
+        pull_image "${IMAGES[index]}" "${REFERENCES[index]}"
     done
 }
 
 write_registries_yaml() {
-    local target temporary domains domain image
+    local target temporary domains domain described
     target="$(dirname "${REGISTRY_DIR}")/registries.yaml"
     temporary="${WORK_DIR}/registries.yaml"
     domains=""
     if [[ -n "${NO_TRIM}" ]]; then
-        for image in "${IMAGES[@]}"; do
-            domains+="$(image_domain "${image}")"$'\n'
+        for described in "${REFERENCES[@]}"; do
+            domains+="${described%% *}"$'\n'
         done
         domains="$(printf '%s' "${domains}" | sort -u)"
     fi
@@ -405,6 +401,7 @@ main() {
     resolve_version
     fetch_image_list
     read_lists
+    normalize_references
     mkdir -p -- "${REGISTRY_DIR}"
     pull_all
     write_registries_yaml
