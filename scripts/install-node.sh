@@ -788,20 +788,24 @@ summary() {
 }
 
 # --- main ---
-trap cleanup EXIT
-parse_args "$@"
-verify_system
-verify_agent_settings
-verify_media
-verify_arch
-TMP_DIR=$(mktemp -d)
-install_content
-install_binary
-install_unit
-install_registries_yaml
-install_k3s_binary
-install_dummy_route
-enable_units
-start_registry
-run_k3s_install
-summary
+main() {
+    trap cleanup EXIT
+    parse_args "$@"
+    verify_system
+    verify_agent_settings
+    verify_media
+    verify_arch
+    TMP_DIR=$(mktemp -d)
+    install_content
+    install_binary
+    install_unit
+    install_registries_yaml
+    install_k3s_binary
+    install_dummy_route
+    enable_units
+    start_registry
+    run_k3s_install
+    summary
+}
+
+main "$@"

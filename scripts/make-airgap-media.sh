@@ -452,9 +452,9 @@ prepare_binaries() {
         if [ "${IMAGES_ONLY}" = false ]; then
             download_release
             verify_k3s_binary
+            K3S_BINS[${arch}]=${K3S_BIN}
         fi
         verify_registry_binary
-        K3S_BINS[${arch}]=${K3S_BIN}
         REGISTRY_BINS[${arch}]=${REGISTRY_BIN}
     done
     ARCH=${ARCHES[0]}
@@ -745,14 +745,18 @@ summary() {
 }
 
 # --- main ---
-trap cleanup EXIT
-parse_args "$@"
-verify_tools
-TMP_DIR=$(mktemp -d)
-prepare_binaries
-verify_inputs
-verify_content
-prepare_media
-stage_files
-publish
-summary
+main() {
+    trap cleanup EXIT
+    parse_args "$@"
+    verify_tools
+    TMP_DIR=$(mktemp -d)
+    prepare_binaries
+    verify_inputs
+    verify_content
+    prepare_media
+    stage_files
+    publish
+    summary
+}
+
+main "$@"

@@ -20,19 +20,22 @@ set -o errexit -o nounset -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-fatal() { echo "[soak] error: $*" >&2; exit 2; }
+fatal() {
+    printf '[ERROR] %s\n' "$*" >&2
+    exit 2
+}
 
 main() {
-  case "${1:-}" in
-    -h|--help) sed -n '3,/^set -o/{/^set -o/d;s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"; exit 0 ;;
-  esac
-  local python="${PYTHON:-}"
-  if [[ -z "${python}" ]]; then
-    if [[ -x "${ROOT}/.venv/bin/python" ]]; then python="${ROOT}/.venv/bin/python"; else python=python3; fi
-  fi
-  "${python}" -c 'import gevent' 2>/dev/null ||
-    fatal "${python} has no gevent (make the venv: python3 -m venv .venv && .venv/bin/pip install -e .)"
-  exec "${python}" "${ROOT}/scripts/soak.py" "$@"
+    case "${1:-}" in
+        -h|--help) sed -n '3,/^set -o/{/^set -o/d;s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"; exit 0 ;;
+    esac
+    local python="${PYTHON:-}"
+    if [[ -z "${python}" ]]; then
+        if [[ -x "${ROOT}/.venv/bin/python" ]]; then python="${ROOT}/.venv/bin/python"; else python=python3; fi
+    fi
+    "${python}" -c 'import gevent' 2>/dev/null ||
+        fatal "${python} has no gevent (make the venv: python3 -m venv .venv && .venv/bin/pip install -e .)"
+    exec "${python}" "${ROOT}/scripts/soak.py" "$@"
 }
 
 main "$@"

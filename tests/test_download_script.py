@@ -38,7 +38,7 @@ def lists(tmp_path, upstream):
     return k3s_images, extra
 
 
-def run_script(tmp_path, registry, *args, env=None):
+def run_script(tmp_path, registry, *args, env=None, prefix=()):
     environment = command_env({
         "MINIMAL_REGISTRY_CMD": " ".join(registry_command()),
         "PLAIN_HTTP_REGISTRIES": registry.host_port,
@@ -48,7 +48,7 @@ def run_script(tmp_path, registry, *args, env=None):
         **(env or {}),
     })
     tool = [] if "--tool" in args else ["--tool", "skopeo"]
-    done = subprocess.run(["bash", str(SCRIPT), *tool, *args], capture_output=True, text=True,
+    done = subprocess.run([*prefix, "bash", str(SCRIPT), *tool, *args], capture_output=True, text=True,
                           env=environment, timeout=180, stdin=subprocess.DEVNULL)
     match = SUMMARY_RE.search(done.stderr)
     counts = tuple(int(n) for n in match.groups()) if match else None
@@ -156,7 +156,7 @@ def test_a_missing_image_fails_the_run_and_is_named(tmp_path, upstream, lists):
 
     assert done.returncode == 1
     assert counts == (2, 0, 1), done.stderr
-    failed = [line for line in done.stderr.splitlines() if line.startswith("[WARN] failed:")]
+    failed = [line for line in done.stderr.splitlines() if line.startswith("[WARN]  failed:")]
     assert len(failed) == 1 and missing in failed[0]
     assert tag_digest(target, tree.multiarch.name, tree.multiarch.tag) == tree.multiarch.digest
 
@@ -241,3 +241,45 @@ def test_the_crane_path_uses_crane_manifest_and_pull_per_platform(tmp_path, upst
     assert log[0] == f"crane manifest --insecure {reference}"
     assert [line.split(" --platform=")[1].split()[0] for line in log[1:]] == ["linux/amd64", "linux/arm64"]
     assert all(line.startswith("crane pull --insecure --format=oci") for line in log[1:])
+
+
+@pytest.mark.parametrize("no_trim", [False, True], ids=["trimmed", "no-trim"])
+def test_docker_hub_spellings_of_one_image_are_filed_as_minimal_registry_reads_them(tmp_path, upstream, no_trim):
+    """`hello`, `docker.io/library/hello:latest` and `hello@sha256:...` name one Docker Hub
+    image: it is filed once, under library/hello (docker.io/library/hello with -n), as
+    `minimal-registry import` files a docker-save archive's `hello:latest`. skopeo reaches
+    "docker.io" at the local upstream through a registries.conf bound over the system one in
+    a private mount namespace (skopeo has no flag for it)."""
+    tree, registry = upstream
+    conf = tmp_path / "registries.conf"
+    conf.write_text(f'[[registry]]\nprefix = "docker.io"\nlocation = "{registry.host_port}"\ninsecure = true\n')
+    images = tmp_path / "images.txt"
+    images.write_text(f"hello\ndocker.io/library/hello:latest\nhello@{tree.hello.digest}\n")
+    target = tmp_path / "registry"
+
+    in_namespace = ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/containers/registries.conf && exec "$@"',
+                    str(conf)]
+    done, counts = run_script(tmp_path, registry, "-s", "-f", str(images), "-d", str(target),
+                              *(["-n"] if no_trim else []), prefix=in_namespace)
+
+    assert done.returncode == 0, done.stderr
+    assert counts == (1, 2, 0), done.stderr
+    repository = "docker.io/library/hello" if no_trim else "library/hello"
+    assert tag_digest(target, repository, "latest") == tree.hello.digest
+    assert sorted(p.name for p in target.iterdir() if not p.name.startswith(".")) == sorted([repository.split("/")[0], "blobs"])
+    registries = (tmp_path / "registries.yaml").read_text()
+    assert ('"docker.io":' in registries) == no_trim
+
+
+def test_a_reference_minimal_registry_cannot_read_is_refused_before_pulling(tmp_path, upstream):
+    tree, registry = upstream
+    images = tmp_path / "images.txt"
+    images.write_text(f"{registry.host_port}/{tree.hello.name}:{tree.hello.tag}\n{registry.host_port}/Upper/Case:1\n")
+    target = tmp_path / "registry"
+
+    done, counts = run_script(tmp_path, registry, "-s", "-f", str(images), "-d", str(target))
+
+    assert done.returncode == 2, done.stderr
+    assert counts is None
+    assert "Upper/Case" in done.stderr and "[ERROR]" in done.stderr
+    assert not target.exists() or not any(target.iterdir())

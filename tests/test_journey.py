@@ -25,8 +25,8 @@ import clients
 from httpraw import sha256_of_body
 from imagetree import TreeBuilder, build_standard_tree
 from serverproc import PROJECT_ROOT, running_registry
-from test_media import (K3S_VERSION, describe, install_node, make_inputs, make_media, read_record,
-                        run)
+from mediasupport import (K3S_VERSION, describe, install_node, make_inputs, make_media, read_record,
+                          run)
 
 DOWNLOAD_SCRIPT = PROJECT_ROOT / "scripts/download-system-images.sh"
 INSTALLED_CONTENT = "var/lib/rancher/k3s/agent/registry"

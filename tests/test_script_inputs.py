@@ -1,7 +1,7 @@
 """make-airgap-media.sh and install-node.sh given awkward arguments and inputs: each is refused
 up front with one `[ERROR]` line naming the problem (exit 1, nothing written), or handled.
 
-The scripts are driven as in test_media.py (its helpers: real ELF stand-ins for k3s, a
+The scripts are driven as in test_media.py (mediasupport.py's helpers: real ELF stand-ins for k3s, a
 recording install.sh, --root for the node).
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from imagetree import build_standard_tree
-from test_media import describe, install_node, make_inputs, make_media, run
+from mediasupport import describe, install_node, make_inputs, make_media, run
 
 MAKE_ARGS_WITHOUT_OUT = ("-r", "-k", "-i", "-m", "-y", "-b")
 

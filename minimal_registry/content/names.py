@@ -11,9 +11,10 @@ By default the tree drops the domain (`rancher/mirrored-pause`, as the original 
 """
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 from minimal_registry import layout, reference
+from minimal_registry.fatal import Fatal
 
 DOCKER_HUB = "docker.io"
 _HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io")
@@ -63,6 +64,35 @@ def parse(text: str, familiar: bool = True) -> ImageName:
         path = f"library/{path}"
     check_path(path)
     return ImageName(domain, path, tag)
+
+
+def describe(text: str) -> str:
+    """`DOMAIN PATH TAG`: the reference as docker and containerd read it, for shell scripts.
+
+    The scripts (download-system-images.sh) ask this instead of parsing references themselves,
+    so a list is read one way everywhere: `busybox` is `docker.io library/busybox latest`, as
+    `import` files a docker-save archive's `busybox:latest`. The tag is `latest` when none is
+    written, also beside a digest (`x@sha256:...`): the importer files every image under a tag.
+    The fields hold no spaces (the grammars allow none). Raises ValueError saying what is wrong.
+    """
+    if not text.strip():
+        raise ValueError("an empty reference")
+    image = parse(text)
+    return f"{image.domain} {image.path} {image.tag or 'latest'}"
+
+
+def run(references: List[str]) -> int:
+    """`minimal-registry normalize REF...`: one `describe` line per reference; none if one is bad."""
+    lines = []
+    for text in references:
+        try:
+            lines.append(describe(text))
+        except ValueError as problem:
+            raise Fatal(f"{text!r} is not an image reference: {problem}",
+                        "write [host[:port]/]path[:tag][@sha256:...], e.g. docker.io/rancher/mirrored-pause:3.6") from None
+    for line in lines:
+        print(line)
+    return 0
 
 
 def check_path(path: str) -> None:
