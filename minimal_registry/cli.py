@@ -9,6 +9,7 @@ Usage:
   minimal-registry ls [-d DIR] [--json]
   minimal-registry rm [-d DIR] [--json] [-q] [-f FILE]... [--keep FILE]... [REF...]
   minimal-registry prune [-d DIR] [--dry-run] [--json] [-q]
+  minimal-registry normalize REF...
   minimal-registry (-h | --help)
   minimal-registry --version
 
@@ -22,6 +23,9 @@ Commands:
             freed by prune.
   prune     Delete the manifests no tag reaches and the blobs no kept manifest
             references; say how much that freed.
+  normalize Print each image reference as docker and containerd read it,
+            `DOMAIN PATH TAG` (busybox: docker.io library/busybox latest),
+            for scripts.
 
 Options:
   -d DIR, --dir DIR       The content tree to serve or fill
@@ -141,6 +145,11 @@ def main(argv=None) -> int:
             with lock.exclusive(_directory(args), "prune"):
                 return prune.run(tree=_directory(args), dry_run=args["--dry-run"],
                                  as_json=args["--json"], quiet=args["--quiet"])
+
+        if args["normalize"]:
+            from minimal_registry.content import names
+
+            return names.run(args["REF"])
 
         from minimal_registry import server
 
