@@ -12,8 +12,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["minimal_registry", "minimal_registry.*"]),
     install_requires=[
-        # The server overrides StreamServer's accept hooks (do_read, full,
-        # wrap_socket_and_handle), which a new major release may change; nothing of pywsgi is used.
+        # The server is pywsgi's WSGIServer with our own handler class and StreamServer's
+        # accept hooks overridden (do_read, full, wrap_socket_and_handle), which a new major
+        # release may change.
         "gevent>=24.2,<27",
         # llhttp, Node's HTTP parser, parses every request (connection.py); 0.9 is the release
         # whose strictness the tests check (its llhttp refuses what RFC 9112 says to refuse).

@@ -23,7 +23,7 @@ import gevent
 import gevent.event
 import gevent.os
 import gevent.socket
-from gevent.server import StreamServer
+from gevent.pywsgi import WSGIServer
 
 from minimal_registry import layout
 from minimal_registry.app import RegistryApp
@@ -129,13 +129,10 @@ class ConnectionTable:
         return len(self.connections)
 
 
-class RegistryServer(StreamServer):
-    """gevent's server, handing each connection to a `Connection` that calls the WSGI app.
-
-    This is what gevent's `pywsgi.WSGIServer` is (a StreamServer, a base environ and a
-    handler class) without importing pywsgi: its own handler, unused here, pulls in
-    http.client and the email parser, 6 MiB of memory and 15 ms of start-up.
-    """
+class RegistryServer(WSGIServer):
+    """gevent's WSGIServer driving our own handler class (`connection.Connection`, which
+    parses with llhttp and calls the WSGI app), with the connection table's cap and the
+    accept hooks below. pywsgi's own WSGIHandler is never used."""
 
     handler_class = Connection
     # gevent's default of 128 drops the SYNs of a burst (500 nodes' pulls at once), which
@@ -148,27 +145,24 @@ class RegistryServer(StreamServer):
     def __init__(self, listener, application, *, log_format="text", access_log=sys.stderr, table=None,
                  multiprocess=False, **ssl_args):
         self.table = table if table is not None else ConnectionTable(1000)
-        super().__init__(listener, spawn=self.table.spawn, **ssl_args)
-        self.application = application
+        # `log=None`: the access log is ours (`access_log`); `error_log` is wsgi.errors.
+        super().__init__(listener, application, spawn=self.table.spawn, log=None, error_log=sys.stderr,
+                         environ={"wsgi.multiprocess": multiprocess}, **ssl_args)
         self.multiprocess = multiprocess
         self.log_format = log_format
         self.access_log = access_log
-        self.environ = {}
         self._poll = None
         self._accept_backoff = ACCEPT_BACKOFF_FIRST
         self._shortage_logged = 0.0
         self.table.servers.append(self)
 
-    def init_socket(self):
-        super().init_socket()
+    def update_environ(self):
+        # PEP 3333's SERVER_NAME and SERVER_PORT from the bound address, as given: pywsgi
+        # would ask the resolver (socket.getfqdn), which in an air gap may wait for a DNS
+        # server that is not there.
         host, port = self.address[:2]
-        # PEP 3333's required keys that do not change from one request to the next.
-        self.environ = {
-            "SERVER_NAME": host, "SERVER_PORT": str(port), "SCRIPT_NAME": "", "GATEWAY_INTERFACE": "CGI/1.1",
-            "wsgi.version": (1, 0), "wsgi.url_scheme": "https" if self.ssl_enabled else "http",
-            "wsgi.errors": sys.stderr, "wsgi.multithread": False, "wsgi.multiprocess": self.multiprocess,
-            "wsgi.run_once": False,
-        }
+        self.environ["SERVER_NAME"] = host
+        self.environ["SERVER_PORT"] = str(port)
 
     def handle(self, sock, address):  # pylint: disable=method-hidden
         self.handler_class(sock, address, self).handle()
