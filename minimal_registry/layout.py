@@ -42,6 +42,23 @@ def shared_blob_path(root: Path, digest: str) -> Path:
     return shared_blobs_dir(root) / digest
 
 
+# Paths relative to ROOT, as strings: the server builds one per request, so these cost an
+# f-string, not a Path object. `repository` is a relative repository directory as
+# `repository_relpaths` returns it.
+
+def manifests_relpath(repository: str) -> str:
+    return f"{repository}/{MANIFESTS}"
+
+
+def manifest_relpath(repository: str, ref: str) -> str:
+    return f"{repository}/{MANIFESTS}/{ref}"
+
+
+def blob_relpath(digest: str, repository: Optional[str] = None) -> str:
+    """`blobs/<digest>` (the shared store), or `<repository>/blobs/<digest>` (its link)."""
+    return f"{repository}/{BLOBS}/{digest}" if repository else f"{BLOBS}/{digest}"
+
+
 def repository_relpaths(name: str, namespace: Optional[str]) -> List[str]:
     """Repository directories to look in, relative to ROOT, in order: `<ns>/<name>` (when
     containerd's ?ns= names a valid host), then `<name>`."""
