@@ -9,13 +9,12 @@ not right, and is replaced (`intact`).
 """
 
 import errno
-import hashlib
 import os
 from pathlib import Path
 from typing import Optional, Set, Union
 
 from minimal_registry import layout
-from minimal_registry.manifest import MAX_MANIFEST_SIZE
+from minimal_registry.manifest import MAX_MANIFEST_SIZE, sha256_digest
 from minimal_registry.content import atomic, files, hashing
 from minimal_registry.content.archive import Entry
 from minimal_registry.content.intact import TreeBlobs
@@ -44,7 +43,7 @@ class Placer:
             raise Fatal(f"blob {digest} vanished from the tree during the import", "run the import again")
         self._real_directory(final.parent)
         if isinstance(source, bytes):
-            _check(digest, "sha256:" + hashlib.sha256(source).hexdigest(), where)
+            _check(digest, sha256_digest(source), where)
             atomic.write_bytes(final, source)
         elif source.owned and source.digest is not None and source.path.exists():
             _check(digest, source.digest, where)
@@ -105,7 +104,7 @@ class Placer:
         final = manifests / digest
         if _regular_file_bytes(final, len(body)) == body:
             return False
-        _check(digest, "sha256:" + hashlib.sha256(body).hexdigest(), str(final))
+        _check(digest, sha256_digest(body), str(final))
         atomic.write_bytes(final, body)
         self.touched_dirs.add(manifests)
         return True
@@ -120,7 +119,7 @@ class Placer:
             state = "moved"
         elif os.path.lexists(final):
             copy = _regular_file_bytes(final, MAX_MANIFEST_SIZE)
-            if copy is not None and "sha256:" + hashlib.sha256(copy).hexdigest() == digest:
+            if copy is not None and sha256_digest(copy) == digest:
                 return "same"  # a plain copy of the right manifest (older trees) is fine
             state = "moved"
         atomic.symlink(final, digest)

@@ -7,7 +7,6 @@ Nothing is trusted: a blob's digest is checked when it is copied or moved into t
 manifest's when it is read here.
 """
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Union
 
@@ -98,7 +97,7 @@ class Pool:
                 raise Fatal(f"{where}: manifest {digest} is {found.size} bytes, over containerd's 4 MiB limit",
                             "this is not an image manifest; check the source")
             body = jsonread.read_document(found.path, f"{where}: manifest {digest}")
-        actual = "sha256:" + hashlib.sha256(body).hexdigest()
+        actual = manifests.sha256_digest(body)
         if actual != digest:
             raise Fatal(f"{where}: manifest {digest} does not match its digest (its bytes hash to {actual})",
                         "the source is damaged; pull or copy it again")
