@@ -16,7 +16,7 @@ from typing import Optional, Set, Union
 from minimal_registry import layout
 from minimal_registry.manifest import MAX_MANIFEST_SIZE, sha256_digest
 from minimal_registry.content import atomic, files, hashing
-from minimal_registry.content.archive import Entry
+from minimal_registry.content.entry import Entry
 from minimal_registry.content.intact import TreeBlobs
 from minimal_registry.fatal import Fatal
 

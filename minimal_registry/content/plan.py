@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Set, Union
 from minimal_registry import layout
 from minimal_registry import manifest as manifests
 from minimal_registry.content import jsonread, names, platforms
-from minimal_registry.content.archive import Entry
+from minimal_registry.content.entry import Entry
 from minimal_registry.content.intact import TreeBlobs
 from minimal_registry.content.pool import MissingContent, Pool, Root
 from minimal_registry.fatal import Fatal

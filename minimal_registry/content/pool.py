@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional, Union
 
 from minimal_registry import manifest as manifests
 from minimal_registry.content import jsonread
-from minimal_registry.content.archive import Entry
+from minimal_registry.content.entry import Entry
 from minimal_registry.content.names import ImageName
 from minimal_registry.fatal import Fatal
 

@@ -30,7 +30,7 @@ from minimal_registry import manifest as manifests
 from minimal_registry import reference
 from minimal_registry.content import archive, dockerarchive, jsonread, ocilayout, treesource
 from minimal_registry.content import files as source_files
-from minimal_registry.content.archive import Entry
+from minimal_registry.content.entry import Entry
 from minimal_registry.content.files import SourceFiles
 from minimal_registry.content.intact import TreeBlobs
 from minimal_registry.content.pool import Pool, Root

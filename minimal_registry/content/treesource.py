@@ -24,7 +24,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 from minimal_registry import layout, reference
 from minimal_registry import manifest as manifests
 from minimal_registry.content import names
-from minimal_registry.content.archive import Entry, StagedArchive
+from minimal_registry.content.archive import StagedArchive
+from minimal_registry.content.entry import Entry
 from minimal_registry.content.pool import Pool, Root
 from minimal_registry.content.containment import is_within_tree, read_regular
 from minimal_registry.fatal import Fatal
