@@ -24,6 +24,9 @@ from minimal_registry import reference, treesafety
 BLOBS = "blobs"
 MANIFESTS = "manifests"
 DIGEST_PREFIX = "sha256:"
+# An import stages its work in ROOT/.import-<pid>-<random>, then renames it into place: never
+# content (the walks skip every dot directory), and what an interrupted import leaves.
+STAGING_PREFIX = ".import-"
 
 
 def repository_dir(root: Path, name: str, namespace: Optional[str] = None) -> Path:

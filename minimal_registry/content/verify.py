@@ -26,7 +26,6 @@ from minimal_registry.treesafety import Refused, TreeBounds
 from minimal_registry.content import atomic, hashing, treewalk
 from minimal_registry.content.formatting import human_bytes
 from minimal_registry.content.progress import Progress
-from minimal_registry.content.sources import STAGING_PREFIX
 
 
 @dataclass
@@ -124,7 +123,7 @@ def _scan_blob_dir(directory: Path, bounds: TreeBounds, report: Report, must_exi
 def _scan_leftovers(tree: Path, report: Report) -> None:
     try:
         for entry in os.scandir(tree):
-            if entry.name.startswith(STAGING_PREFIX):
+            if entry.name.startswith(layout.STAGING_PREFIX):
                 report.note(Path(entry.path), "staging directory left by an interrupted import; safe to delete")
     except OSError:
         pass
