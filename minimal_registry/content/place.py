@@ -29,8 +29,6 @@ class Placer:
         self.tree = tree
         self.tree_blobs = tree_blobs or TreeBlobs(tree)
         self.touched_dirs: Set[Path] = set()
-        self.blobs_written = 0
-        self.bytes_written = 0
 
     # ----- blobs -----------------------------------------------------------------------
 
@@ -57,8 +55,6 @@ class Placer:
         else:
             self._copy(source, final, digest, where)
         self.touched_dirs.add(final.parent)
-        self.blobs_written += 1
-        self.bytes_written += size
         self.tree_blobs.placed(digest, size)
         return REPAIRED if digest in self.tree_blobs.damaged else NEW
 
