@@ -180,7 +180,7 @@ def _manifest(pool: Pool, tree: Path, namespace, repository, digest, where) -> O
     stored = layout.manifests_dir(tree, repository, namespace) / digest
     try:
         body = jsonread.read_document(stored, str(stored))
-        parsed = jsonread.parse_manifest(body)
+        parsed = manifests.parse(body)
     except (OSError, Fatal, manifests.NotAManifest):
         return None  # absent, not a regular file, too big or not a manifest: not usable
     return parsed if parsed.digest == digest else None  # a damaged copy is replaced from the sources

@@ -102,7 +102,7 @@ class Pool:
             raise Fatal(f"{where}: manifest {digest} does not match its digest (its bytes hash to {actual})",
                         "the source is damaged; pull or copy it again")
         try:
-            parsed = jsonread.parse_manifest(body)
+            parsed = manifests.parse(body)
         except manifests.NotAManifest as problem:
             raise Fatal(f"{where}: {digest} is not a manifest: {problem}", "check the source") from None
         self._manifest_bytes += len(body)

@@ -179,7 +179,7 @@ def read_skopeo_dir(files: SourceFiles, pool: Pool) -> None:
 def read_raw_manifest(path: Path, pool: Pool) -> None:
     body = jsonread.read_document(path, str(path))
     try:
-        jsonread.parse_manifest(body)
+        manifests.parse(body)
     except manifests.NotAManifest as problem:
         try:
             json.loads(body)
