@@ -27,8 +27,9 @@ from minimal_registry.content import names
 from minimal_registry.content.archive import StagedArchive
 from minimal_registry.content.entry import Entry
 from minimal_registry.content.pool import Pool, Root
-from minimal_registry.content.containment import is_within_tree, read_regular
+from minimal_registry.content.containment import read_regular
 from minimal_registry.fatal import Fatal
+from minimal_registry.treesafety import TreeBounds
 
 HINT = "check the source tree with `minimal-registry verify -d DIR`"
 
@@ -134,16 +135,16 @@ class _TreeView:
 class _DirectoryTree(_TreeView):
     def __init__(self, root: Path):
         self.root = root
-        self.real = os.path.realpath(root)
+        self.bounds = TreeBounds(root)  # the server's containment rule
         self._repositories = sorted(layout.repositories(root))
 
     def repositories(self) -> Iterator[str]:
         for repository in self._repositories:
-            if is_within_tree(self.real, str(layout.manifests_dir(self.root, repository))):
+            if self.bounds.holds(layout.manifests_dir(self.root, repository)):
                 yield repository
 
     def _regular(self, path: Path) -> Optional[Entry]:
-        if not is_within_tree(self.real, str(path)):
+        if not self.bounds.holds(path):
             return None
         try:
             info = path.stat()
