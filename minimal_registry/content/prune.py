@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 from minimal_registry import layout, reference
 from minimal_registry import manifest as manifests
-from minimal_registry.content.formatting import human_bytes
+from minimal_registry.content.formatting import counted, human_bytes
 from minimal_registry.content.remove import tag_digest
 from minimal_registry.content.containment import is_plain_directory
 from minimal_registry.fatal import Fatal
@@ -256,11 +256,13 @@ def run(tree: Path, dry_run: bool = False, as_json: bool = False, quiet: bool = 
             "bytes": total,
         }, indent=2), flush=True)
     else:
-        what = f"{freed['manifest'][0]} manifests and {freed['blob'][0]} blobs, {human_bytes(total)}"
+        what = (f"{counted(freed['manifest'][0], 'manifest')} and {counted(freed['blob'][0], 'blob')}, "
+                f"{human_bytes(total)}")
         if dry_run:
             print(f"prune --dry-run: {what} would be freed; nothing was deleted", flush=True)
         elif found:
-            empty = f", {repositories_removed} empty repositories removed" if repositories_removed else ""
+            removed = counted(repositories_removed, "empty repository", "empty repositories")
+            empty = f", {removed} removed" if repositories_removed else ""
             print(f"prune: {what} freed{empty}", flush=True)
         else:
             print("prune: nothing to free: every manifest and blob is reached from a tag", flush=True)
