@@ -57,9 +57,13 @@ def manifest_relpath(repository: str, ref: str) -> str:
     return f"{repository}/{MANIFESTS}/{ref}"
 
 
+def blobs_relpath(repository: Optional[str] = None) -> str:
+    """`blobs` (the shared store), or `<repository>/blobs` (usually a link to it)."""
+    return f"{repository}/{BLOBS}" if repository else BLOBS
+
+
 def blob_relpath(digest: str, repository: Optional[str] = None) -> str:
-    """`blobs/<digest>` (the shared store), or `<repository>/blobs/<digest>` (its link)."""
-    return f"{repository}/{BLOBS}/{digest}" if repository else f"{BLOBS}/{digest}"
+    return f"{blobs_relpath(repository)}/{digest}"
 
 
 def repository_relpaths(name: str, namespace: Optional[str]) -> List[str]:

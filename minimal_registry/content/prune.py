@@ -156,19 +156,19 @@ def candidates(tree: Path, marks: Marks) -> List[Candidate]:
     found: List[Candidate] = []
     tree_text = str(tree)
     for repository in repositories(tree):
-        relative = f"{repository}/{layout.MANIFESTS}"
+        relative = layout.manifests_relpath(repository)
         if not is_plain_directory(tree_text, relative):
             continue  # a linked manifests/ directory: never delete through it
         for digest in layout.manifest_digests(tree / relative):
             if (repository, digest) not in marks.manifests:
                 _add(found, "manifest", tree / relative / digest, f"{repository}@{digest}")
-    blob_dirs = [layout.BLOBS] + [f"{r}/{layout.BLOBS}" for r in repositories(tree)]
-    for relative in blob_dirs:
+    shared = layout.blobs_relpath()
+    for relative in [shared] + [layout.blobs_relpath(r) for r in repositories(tree)]:
         if not is_plain_directory(tree_text, relative):
             continue  # the usual `<name>/blobs -> ../blobs` links, or a link out of the tree
         for name in sorted(os.listdir(tree / relative)):
             if reference.is_digest(name) and name not in marks.blobs:
-                _add(found, "blob", tree / relative / name, name if relative == layout.BLOBS else f"{relative}/{name}")
+                _add(found, "blob", tree / relative / name, name if relative == shared else f"{relative}/{name}")
     return found
 
 
@@ -196,7 +196,7 @@ def remove_empty_repositories(tree: Path) -> int:
     removed = 0
     tree_text = str(tree)
     for repository in sorted(repositories(tree), key=lambda r: -r.count("/")):
-        relative = f"{repository}/{layout.MANIFESTS}"
+        relative = layout.manifests_relpath(repository)
         if not is_plain_directory(tree_text, relative) or os.listdir(tree / relative):
             continue
         try:

@@ -204,7 +204,7 @@ class _StagedTree(_TreeView):
         return iter(sorted(self._by_repository))
 
     def _name(self, repository: str, entry: str) -> str:
-        return f"{self.prefix}{repository}/{layout.MANIFESTS}/{entry}"
+        return self.prefix + layout.manifest_relpath(repository, entry)
 
     def manifests(self, repository: str) -> Iterator[Tuple[str, Entry]]:
         for entry in sorted(self._by_repository[repository]):
@@ -229,4 +229,4 @@ class _StagedTree(_TreeView):
             yield entry, digest
 
     def blob(self, digest: str) -> Optional[Entry]:
-        return self.staged.lookup(f"{self.prefix}{layout.BLOBS}/{digest}")
+        return self.staged.lookup(self.prefix + layout.blob_relpath(digest))
