@@ -24,6 +24,9 @@ from minimal_registry import reference, treesafety
 BLOBS = "blobs"
 MANIFESTS = "manifests"
 DIGEST_PREFIX = "sha256:"
+# An import stages its work in ROOT/.import-<pid>-<random>, then renames it into place: never
+# content (the walks skip every dot directory), and what an interrupted import leaves.
+STAGING_PREFIX = ".import-"
 
 
 def repository_dir(root: Path, name: str, namespace: Optional[str] = None) -> Path:
@@ -40,6 +43,27 @@ def shared_blobs_dir(root: Path) -> Path:
 
 def shared_blob_path(root: Path, digest: str) -> Path:
     return shared_blobs_dir(root) / digest
+
+
+# Paths relative to ROOT, as strings: the server builds one per request, so these cost an
+# f-string, not a Path object. `repository` is a relative repository directory as
+# `repository_relpaths` returns it.
+
+def manifests_relpath(repository: str) -> str:
+    return f"{repository}/{MANIFESTS}"
+
+
+def manifest_relpath(repository: str, ref: str) -> str:
+    return f"{repository}/{MANIFESTS}/{ref}"
+
+
+def blobs_relpath(repository: Optional[str] = None) -> str:
+    """`blobs` (the shared store), or `<repository>/blobs` (usually a link to it)."""
+    return f"{repository}/{BLOBS}" if repository else BLOBS
+
+
+def blob_relpath(digest: str, repository: Optional[str] = None) -> str:
+    return f"{blobs_relpath(repository)}/{digest}"
 
 
 def repository_relpaths(name: str, namespace: Optional[str]) -> List[str]:

@@ -24,6 +24,7 @@ MEDIA_TYPE_RE = re.compile(rf"{_RESTRICTED_NAME}/{_RESTRICTED_NAME}")
 
 # containerd refuses manifests larger than this (remotes/docker: MaxManifestSize).
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+TOO_DEEP = "JSON nested too deeply to be a manifest"
 
 
 class NotAManifest(ValueError):
@@ -73,7 +74,7 @@ def parse(body: bytes) -> Manifest:
         document = json.loads(body)
     except RecursionError:
         # Valid JSON nested past Python's recursion limit: no manifest is built like that.
-        raise NotAManifest("JSON nested too deeply to be a manifest") from None
+        raise NotAManifest(TOO_DEEP) from None
     except (ValueError, UnicodeDecodeError) as error:
         raise NotAManifest(f"not JSON ({error})") from None
     if not isinstance(document, dict):

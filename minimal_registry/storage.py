@@ -178,7 +178,7 @@ class ContentTree:
             raise errors.name_invalid(name)
         found = []
         for relative in layout.repository_relpaths(name, namespace):
-            located = self._find(f"{relative}/{layout.MANIFESTS}", directory=True)
+            located = self._find(layout.manifests_relpath(relative), directory=True)
             if located is not None:
                 found.append((relative, located[0]))
         if not found:
@@ -225,7 +225,7 @@ class ContentTree:
 
         earlier = []
         for repository, _manifests in self._repositories(name, namespace):
-            path = f"{self.real_root}/{repository}/{layout.MANIFESTS}/{ref}"
+            path = f"{self.real_root}/{layout.manifest_relpath(repository, ref)}"
             started = time.time_ns()
             try:
                 opened, expected = self._open_manifest(path, ref)
@@ -343,15 +343,15 @@ class ContentTree:
         # The repository must exist (else NAME_UNKNOWN), but the bytes come from ROOT/blobs,
         # checked by `_find`: a plain isdir is enough here, and the first one found ends it.
         candidates = layout.repository_relpaths(name, namespace)
-        if not any(os.path.isdir(f"{self.real_root}/{r}/{layout.MANIFESTS}") for r in candidates):
+        if not any(os.path.isdir(f"{self.real_root}/{layout.manifests_relpath(r)}") for r in candidates):
             self._check_tree()
             raise errors.name_unknown(name)
         if self._tree_missing:
             self._check_tree()
-        found = self._find(f"{layout.BLOBS}/{digest}")
+        found = self._find(layout.blob_relpath(digest))
         if found is None:
             for relative in candidates:
-                found = self._find(f"{relative}/{layout.BLOBS}/{digest}")
+                found = self._find(layout.blob_relpath(digest, relative))
                 if found is not None:
                     break
         if found is None:

@@ -101,6 +101,10 @@ class TreeBounds:
             return True
         return within(real_path, self.real_blobs())
 
+    def holds(self, path: PathLike) -> bool:
+        """Whether `path`, every symlink in it resolved, lies inside (it need not exist)."""
+        return self.contains(os.path.realpath(path))
+
     def resolve(self, path: PathLike) -> str:
         """The real path of `path`, which must exist and lie inside; Refused otherwise."""
         real = os.path.realpath(path, strict=True)

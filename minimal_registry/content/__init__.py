@@ -12,6 +12,7 @@ live) and `minimal_registry.manifest` (what a manifest says), the same code the 
     archive.py       unpack a tar safely into a staging directory, hashing as it goes
     decompress.py    plain, gzip, bzip2, xz and zstd streams
     files.py         a source's files by name, on disk or staged; only regular files opened
+    entry.py         Entry: one regular file a source offers (path, size, digest if known)
     jsonread.py      JSON documents of a source, bounded in size and nesting
     intact.py        which blobs the tree already holds with the right bytes
     pool.py          content the sources hold, by digest, and the images they name
@@ -25,7 +26,7 @@ live) and `minimal_registry.manifest` (what a manifest says), the same code the 
     remove.py        `rm`: tags and manifests by reference, k3s-images.txt lists
     prune.py         `prune`: mark from the tags, sweep what nothing reaches
     lock.py          one writer at a time (import, rm, prune): flock on the tree
-    containment.py   the containment rule rm, prune and tree sources use; regular files only
+    containment.py   where rm and prune may delete (no symlinked directory); reads: treesafety
     treewalk.py      a tree's repositories and blobs, for verify and ls
     hashing.py       sha256 of many files at disk speed, on every core
     progress.py      a bar on a terminal, plain lines elsewhere

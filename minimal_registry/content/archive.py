@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional
 
 from minimal_registry.content import decompress, hashing
+from minimal_registry.content.entry import Entry
 from minimal_registry.content.formatting import human_bytes
 from minimal_registry.content.progress import Progress
 from minimal_registry.fatal import Fatal
@@ -39,16 +40,6 @@ _METADATA_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
 # A member that cannot be written for one of these reasons is a fault of the archive's names
 # (a file where a directory was, a name too long), not of the disk.
 _NAME_CLASHES = (errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG)
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One regular file: where it is on disk, its size, and its digest when already known."""
-
-    path: Path
-    size: int
-    digest: Optional[str] = None  # `sha256:<hex>` when hashed while unpacking
-    owned: bool = False  # a staged copy the importer may rename away
 
 
 @dataclass

@@ -1,21 +1,13 @@
-"""What `prune`, `rm` and a tree given to `import` may touch: the server's containment rule
-(`minimal_registry.treesafety`, used here, never re-written), and where deleting is allowed.
+"""What `prune` and `rm` may delete in; how `rm` and a tree source read a file that must not be a link.
 
-Reads go through `TreeBounds.open_regular`, so a symlink, a FIFO or a device in a tree can
-neither lead outside it nor hang or flood a tool.
+What may be *read* is the server's rule, `minimal_registry.treesafety.TreeBounds`, which
+`prune`, `verify`, `ls` and a tree given to `import` use directly. Deleting asks more: a
+directory reached through no symlink at all (`is_plain_directory`).
 """
 
 import os
 import stat
 from typing import Optional
-
-from minimal_registry.treesafety import Refused, TreeBounds
-
-
-def is_within_tree(tree_real: str, path: str) -> bool:
-    """Whether `path`, every symlink in it resolved, lies where the server would read it:
-    inside the tree `tree_real`, or inside its top-level `blobs`."""
-    return TreeBounds(tree_real).contains(os.path.realpath(path))
 
 
 def is_plain_directory(tree: str, relative: str) -> bool:
@@ -55,17 +47,3 @@ def read_regular(path: str, limit: int) -> Optional[bytes]:
         return data if len(data) <= limit else None
     finally:
         os.close(fd)
-
-
-def read_regular_inside(tree_real: str, path: str, limit: int) -> Optional[bytes]:
-    """The bytes of `path` if the server would read it (a regular file inside the tree, links
-    resolved) and it holds at most `limit` bytes; None if the rule refuses it."""
-    try:
-        opened = TreeBounds(tree_real).open_regular(path)
-    except Refused:
-        return None
-    with opened:
-        if opened.stat.st_size > limit:
-            return None
-        data = opened.read(limit + 1)
-    return data if len(data) <= limit else None

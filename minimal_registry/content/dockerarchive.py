@@ -13,7 +13,7 @@ from typing import Dict, List
 
 from minimal_registry import manifest as manifests
 from minimal_registry.content import hashing, jsonread, names
-from minimal_registry.content.archive import Entry
+from minimal_registry.content.entry import Entry
 from minimal_registry.content.files import NotRegular, SourceFiles, open_regular, printable
 from minimal_registry.content.pool import Pool, Root
 from minimal_registry.fatal import Fatal

@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional
 
-from minimal_registry.content.archive import Entry, StagedArchive
+from minimal_registry.content.archive import StagedArchive
+from minimal_registry.content.entry import Entry
 from minimal_registry.fatal import Fatal
 
 MAX_JSON = 64 * 1024 * 1024  # index.json / manifest.json of even a huge archive is far smaller

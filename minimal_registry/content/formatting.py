@@ -19,6 +19,11 @@ def human_bytes(count: float) -> str:
     return f"{count:.1f} TiB"
 
 
+def counted(count: int, singular: str, plural: str = "") -> str:
+    """`1 tag`, `2 tags`; `plural` where adding an s is wrong (`repository`, `repositories`)."""
+    return f"{count} {singular if count == 1 else plural or singular + 's'}"
+
+
 def human_duration(seconds: float) -> str:
     seconds = int(seconds + 0.5)
     hours, rest = divmod(seconds, 3600)

@@ -40,8 +40,7 @@ def hash_open_file(source: BinaryIO, on_bytes: Optional[ProgressCallback] = None
     return "sha256:" + hasher.hexdigest(), total
 
 
-def copy_hashed(source: BinaryIO, destination: BinaryIO, on_bytes: Optional[ProgressCallback] = None,
-                limit: Optional[int] = None) -> Tuple[str, int]:
+def copy_hashed(source: BinaryIO, destination: BinaryIO, limit: Optional[int] = None) -> Tuple[str, int]:
     """Copy `source` to `destination` (at most `limit` bytes), hashing on the way."""
     hasher = hashlib.sha256()
     total = 0
@@ -53,8 +52,6 @@ def copy_hashed(source: BinaryIO, destination: BinaryIO, on_bytes: Optional[Prog
         hasher.update(chunk)
         destination.write(chunk)
         total += len(chunk)
-        if on_bytes:
-            on_bytes(len(chunk))
     return "sha256:" + hasher.hexdigest(), total
 
 

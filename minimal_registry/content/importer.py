@@ -15,7 +15,7 @@ from minimal_registry.content import place, plan, platforms
 from minimal_registry.content import sources as source_kinds
 from minimal_registry.content.pool import Pool
 from minimal_registry.content.files import printable
-from minimal_registry.content.formatting import human_bytes, short_media_type
+from minimal_registry.content.formatting import counted, human_bytes, short_media_type
 from minimal_registry.content.intact import TreeBlobs
 from minimal_registry.fatal import Fatal
 
@@ -106,11 +106,11 @@ def _summary(image: plan.ImagePlan, state: str, new_blobs: int, repaired: int, n
     if image.unmatched_platforms:
         details.append("the index lists no " + _listed(image.unmatched_platforms))
     total = sum(image.blob_sizes.values())
-    details.append(f"{len(image.blob_sizes)} blobs, {human_bytes(total)}")
+    details.append(f"{counted(len(image.blob_sizes), 'blob')}, {human_bytes(total)}")
     if changed:
-        details.append(f"{new_blobs} new blobs, {new_manifests} new manifests")
+        details.append(f"{counted(new_blobs, 'new blob')}, {counted(new_manifests, 'new manifest')}")
     if repaired:
-        details.append(f"repaired {repaired} damaged blob{'s' if repaired > 1 else ''}")
+        details.append(f"repaired {counted(repaired, 'damaged blob')}")
     if state == "moved":
         details.append("tag moved")
     return f"{verb} {image.reference} {image.digest} ({'; '.join(details)})"

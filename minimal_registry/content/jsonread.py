@@ -3,8 +3,8 @@
 Every document a source offers (a raw manifest, `index.json`, a docker `manifest.json`, a
 manifest blob) is at most 4 MiB, containerd's manifest limit: nothing a real source writes
 comes near it, and a reader that loads a file whole must not be handed gigabytes. Nesting
-deeper than Python's parser can follow is "not a manifest", said in one line, like any
-other malformed input.
+deeper than Python's parser can follow is said in one line, like any other malformed input.
+A manifest's own rules (nesting, its mediaType) are `manifest.parse`'s, the server's.
 """
 
 import json
@@ -16,7 +16,7 @@ from minimal_registry.fatal import Fatal
 
 MAX_DOCUMENT = manifests.MAX_MANIFEST_SIZE
 LIMIT_TEXT = "4 MiB"
-TOO_DEEP = "JSON nested too deeply to be a manifest"
+TOO_DEEP = manifests.TOO_DEEP
 
 
 def loads(body: bytes, what: str):
@@ -27,20 +27,6 @@ def loads(body: bytes, what: str):
         raise Fatal(f"{what} is {TOO_DEEP}", "the source is damaged or hostile; check where it came from") from None
     except (ValueError, UnicodeDecodeError) as error:
         raise Fatal(f"{what} is not JSON ({error})", "the source is damaged") from None
-
-
-def parse_manifest(body: bytes) -> manifests.Manifest:
-    """`manifest.parse`, with deep nesting reported as NotAManifest like any other bad shape,
-    and a `mediaType` that cannot be sent as a Content-Type header (control characters,
-    CR/LF, anything not printable ASCII) refused: the server could not serve it."""
-    try:
-        parsed = manifests.parse(body)
-    except RecursionError:
-        raise manifests.NotAManifest(TOO_DEEP) from None
-    if not all(" " <= c <= "~" for c in parsed.media_type):
-        raise manifests.NotAManifest(f"its mediaType {parsed.media_type[:100]!r} is not printable ASCII, "
-                                     "so it cannot be a Content-Type")
-    return parsed
 
 
 def read_document(path: Path, what: str) -> bytes:

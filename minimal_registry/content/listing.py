@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 from minimal_registry import layout, reference
 from minimal_registry import manifest as manifests
 from minimal_registry.content import treewalk
-from minimal_registry.content.formatting import human_bytes, short_media_type
+from minimal_registry.content.formatting import counted, human_bytes, short_media_type
 from minimal_registry.treesafety import Refused, TreeBounds
 
 
@@ -156,6 +156,7 @@ def render(document: dict) -> str:
     if broken:
         lines += [""] + broken
     lines.append("")
-    lines.append(f"{totals['repositories']} repositories, {totals['tags']} tags, {totals['blobs']} blobs, "
+    lines.append(f"{counted(totals['repositories'], 'repository', 'repositories')}, {counted(totals['tags'], 'tag')}, "
+                 f"{counted(totals['blobs'], 'blob')}, "
                  f"{human_bytes(totals['size'])} in {document['root']}")
     return "\n".join(lines)

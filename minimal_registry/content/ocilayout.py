@@ -10,7 +10,7 @@ from typing import Optional
 
 from minimal_registry import reference
 from minimal_registry.content import jsonread, names
-from minimal_registry.content.archive import Entry
+from minimal_registry.content.entry import Entry
 from minimal_registry.content.files import SourceFiles
 from minimal_registry.content.pool import Pool, Root
 from minimal_registry.fatal import Fatal

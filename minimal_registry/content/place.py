@@ -9,15 +9,14 @@ not right, and is replaced (`intact`).
 """
 
 import errno
-import hashlib
 import os
 from pathlib import Path
 from typing import Optional, Set, Union
 
 from minimal_registry import layout
-from minimal_registry.manifest import MAX_MANIFEST_SIZE
+from minimal_registry.manifest import MAX_MANIFEST_SIZE, sha256_digest
 from minimal_registry.content import atomic, files, hashing
-from minimal_registry.content.archive import Entry
+from minimal_registry.content.entry import Entry
 from minimal_registry.content.intact import TreeBlobs
 from minimal_registry.fatal import Fatal
 
@@ -30,8 +29,6 @@ class Placer:
         self.tree = tree
         self.tree_blobs = tree_blobs or TreeBlobs(tree)
         self.touched_dirs: Set[Path] = set()
-        self.blobs_written = 0
-        self.bytes_written = 0
 
     # ----- blobs -----------------------------------------------------------------------
 
@@ -44,7 +41,7 @@ class Placer:
             raise Fatal(f"blob {digest} vanished from the tree during the import", "run the import again")
         self._real_directory(final.parent)
         if isinstance(source, bytes):
-            _check(digest, "sha256:" + hashlib.sha256(source).hexdigest(), where)
+            _check(digest, sha256_digest(source), where)
             atomic.write_bytes(final, source)
         elif source.owned and source.digest is not None and source.path.exists():
             _check(digest, source.digest, where)
@@ -58,8 +55,6 @@ class Placer:
         else:
             self._copy(source, final, digest, where)
         self.touched_dirs.add(final.parent)
-        self.blobs_written += 1
-        self.bytes_written += size
         self.tree_blobs.placed(digest, size)
         return REPAIRED if digest in self.tree_blobs.damaged else NEW
 
@@ -105,7 +100,7 @@ class Placer:
         final = manifests / digest
         if _regular_file_bytes(final, len(body)) == body:
             return False
-        _check(digest, "sha256:" + hashlib.sha256(body).hexdigest(), str(final))
+        _check(digest, sha256_digest(body), str(final))
         atomic.write_bytes(final, body)
         self.touched_dirs.add(manifests)
         return True
@@ -120,7 +115,7 @@ class Placer:
             state = "moved"
         elif os.path.lexists(final):
             copy = _regular_file_bytes(final, MAX_MANIFEST_SIZE)
-            if copy is not None and "sha256:" + hashlib.sha256(copy).hexdigest() == digest:
+            if copy is not None and sha256_digest(copy) == digest:
                 return "same"  # a plain copy of the right manifest (older trees) is fine
             state = "moved"
         atomic.symlink(final, digest)

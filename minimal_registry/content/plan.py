@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Set, Union
 
-from minimal_registry import layout
+from minimal_registry import layout, reference
 from minimal_registry import manifest as manifests
 from minimal_registry.content import jsonread, names, platforms
-from minimal_registry.content.archive import Entry
+from minimal_registry.content.entry import Entry
 from minimal_registry.content.intact import TreeBlobs
 from minimal_registry.content.pool import MissingContent, Pool, Root
 from minimal_registry.fatal import Fatal
@@ -153,7 +153,7 @@ def _override(root: Root, name: Optional[str], tag: Optional[str]) -> List[names
     else:
         raise Fatal(f"{root.source}: image {root.digest} has no name", "give --name NAME as well as --tag")
     if tag is not None:
-        if not names.reference.is_tag(tag):
+        if not reference.is_tag(tag):
             raise Fatal(f"--tag {tag!r} is not a valid tag", "a tag is up to 128 of a-z A-Z 0-9 _ . -")
         tags = [tag]
     elif base.tag:
@@ -180,7 +180,7 @@ def _manifest(pool: Pool, tree: Path, namespace, repository, digest, where) -> O
     stored = layout.manifests_dir(tree, repository, namespace) / digest
     try:
         body = jsonread.read_document(stored, str(stored))
-        parsed = jsonread.parse_manifest(body)
+        parsed = manifests.parse(body)
     except (OSError, Fatal, manifests.NotAManifest):
         return None  # absent, not a regular file, too big or not a manifest: not usable
     return parsed if parsed.digest == digest else None  # a damaged copy is replaced from the sources
@@ -243,7 +243,7 @@ def _add_blob(pool: Pool, tree: Path, plan: ImagePlan, blob: manifests.Descripto
     if blob.digest in plan.blobs:
         return
     _count(plan, blob.digest)
-    if not names.reference.is_digest(blob.digest):
+    if not reference.is_digest(blob.digest):
         raise Fatal(f"{plan.name}: manifest {owner} references {blob.digest!r}, not a sha256 digest",
                     "only sha256 content can be imported")
     size = pool.size(blob.digest)

@@ -7,13 +7,12 @@ Nothing is trusted: a blob's digest is checked when it is copied or moved into t
 manifest's when it is read here.
 """
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Union
 
 from minimal_registry import manifest as manifests
 from minimal_registry.content import jsonread
-from minimal_registry.content.archive import Entry
+from minimal_registry.content.entry import Entry
 from minimal_registry.content.names import ImageName
 from minimal_registry.fatal import Fatal
 
@@ -98,12 +97,12 @@ class Pool:
                 raise Fatal(f"{where}: manifest {digest} is {found.size} bytes, over containerd's 4 MiB limit",
                             "this is not an image manifest; check the source")
             body = jsonread.read_document(found.path, f"{where}: manifest {digest}")
-        actual = "sha256:" + hashlib.sha256(body).hexdigest()
+        actual = manifests.sha256_digest(body)
         if actual != digest:
             raise Fatal(f"{where}: manifest {digest} does not match its digest (its bytes hash to {actual})",
                         "the source is damaged; pull or copy it again")
         try:
-            parsed = jsonread.parse_manifest(body)
+            parsed = manifests.parse(body)
         except manifests.NotAManifest as problem:
             raise Fatal(f"{where}: {digest} is not a manifest: {problem}", "check the source") from None
         self._manifest_bytes += len(body)

@@ -29,10 +29,11 @@ from typing import Dict, List, Optional, Set, Tuple
 
 from minimal_registry import layout, reference
 from minimal_registry import manifest as manifests
-from minimal_registry.content.formatting import human_bytes
+from minimal_registry.content.formatting import counted, human_bytes
 from minimal_registry.content.remove import tag_digest
-from minimal_registry.content.containment import is_plain_directory, is_within_tree, read_regular_inside
+from minimal_registry.content.containment import is_plain_directory
 from minimal_registry.fatal import Fatal
+from minimal_registry.treesafety import Refused, TreeBounds
 
 DAMAGED = 1
 
@@ -47,7 +48,7 @@ class Damaged(Fatal):
 class Marks:
     manifests: Set[Tuple[str, str]] = field(default_factory=set)  # (repository, digest)
     blobs: Set[str] = field(default_factory=set)
-    tree_real: str = ""
+    bounds: Optional[TreeBounds] = None  # the server's containment rule, for this tree
 
 
 @dataclass
@@ -61,14 +62,12 @@ class Candidate:
 # ----- mark -----------------------------------------------------------------------------------
 
 def repositories(tree: Path) -> List[str]:
-    tree_real = os.path.realpath(tree)
-    return sorted(r for r in layout.repositories(tree)
-                  if not r.split("/", 1)[0].startswith(".")
-                  and is_within_tree(tree_real, str(layout.manifests_dir(tree, r))))
+    bounds = TreeBounds(tree)
+    return sorted(r for r in layout.repositories(tree) if bounds.holds(layout.manifests_dir(tree, r)))
 
 
 def mark(tree: Path) -> Marks:
-    marks = Marks(tree_real=os.path.realpath(tree))
+    marks = Marks(bounds=TreeBounds(tree))
     repos = repositories(tree)
     for repository in repos:
         directory = layout.manifests_dir(tree, repository)
@@ -90,7 +89,7 @@ def _mark_manifest(tree: Path, repository: str, digest: str, marks: Marks) -> No
         if (repository, current) in marks.manifests:
             continue
         marks.manifests.add((repository, current))
-        parsed = _read_manifest(layout.manifests_dir(tree, repository) / current, marks.tree_real)
+        parsed = _read_manifest(layout.manifests_dir(tree, repository) / current, marks.bounds)
         if parsed is None:
             continue  # a tag or index entry naming a manifest the tree does not hold
         if parsed.is_index:
@@ -99,11 +98,11 @@ def _mark_manifest(tree: Path, repository: str, digest: str, marks: Marks) -> No
             marks.blobs.add(blob.digest)
 
 
-def _read_manifest(path: Path, tree_real: str) -> Optional[manifests.Manifest]:
+def _read_manifest(path: Path, bounds: TreeBounds) -> Optional[manifests.Manifest]:
     if not os.path.lexists(path):
         return None
     try:
-        body = read_regular_inside(tree_real, str(path), manifests.MAX_MANIFEST_SIZE)
+        body = _read_inside(bounds, path)
     except OSError as error:
         raise Damaged(f"cannot read the manifest {path}: {error.strerror}") from None
     if body is None:
@@ -117,6 +116,20 @@ def _read_manifest(path: Path, tree_real: str) -> Optional[manifests.Manifest]:
     return parsed
 
 
+def _read_inside(bounds: TreeBounds, path: Path) -> Optional[bytes]:
+    """A manifest file's bytes if the server would read it (`treesafety`: a regular file
+    inside the tree, links resolved) and it is at most 4 MiB; None otherwise."""
+    try:
+        opened = bounds.open_regular(path)
+    except Refused:
+        return None
+    with opened:
+        if opened.stat.st_size > manifests.MAX_MANIFEST_SIZE:
+            return None
+        data = opened.read(manifests.MAX_MANIFEST_SIZE + 1)
+    return data if len(data) <= manifests.MAX_MANIFEST_SIZE else None
+
+
 def _mark_referrers(tree: Path, repos: List[str], marks: Marks) -> None:
     """Keep untagged manifests that refer (`subject`) to a kept one, as the server lists them."""
     changed = True
@@ -128,7 +141,7 @@ def _mark_referrers(tree: Path, repos: List[str], marks: Marks) -> None:
                 if (repository, digest) in marks.manifests:
                     continue
                 try:
-                    body = read_regular_inside(marks.tree_real, str(directory / digest), manifests.MAX_MANIFEST_SIZE)
+                    body = _read_inside(marks.bounds, directory / digest)
                     parsed = manifests.parse(body) if body is not None else None
                 except (OSError, manifests.NotAManifest):
                     continue  # unreadable and untagged: nothing reaches it
@@ -143,19 +156,19 @@ def candidates(tree: Path, marks: Marks) -> List[Candidate]:
     found: List[Candidate] = []
     tree_text = str(tree)
     for repository in repositories(tree):
-        relative = f"{repository}/{layout.MANIFESTS}"
+        relative = layout.manifests_relpath(repository)
         if not is_plain_directory(tree_text, relative):
             continue  # a linked manifests/ directory: never delete through it
         for digest in layout.manifest_digests(tree / relative):
             if (repository, digest) not in marks.manifests:
                 _add(found, "manifest", tree / relative / digest, f"{repository}@{digest}")
-    blob_dirs = [layout.BLOBS] + [f"{r}/{layout.BLOBS}" for r in repositories(tree)]
-    for relative in blob_dirs:
+    shared = layout.blobs_relpath()
+    for relative in [shared] + [layout.blobs_relpath(r) for r in repositories(tree)]:
         if not is_plain_directory(tree_text, relative):
             continue  # the usual `<name>/blobs -> ../blobs` links, or a link out of the tree
         for name in sorted(os.listdir(tree / relative)):
             if reference.is_digest(name) and name not in marks.blobs:
-                _add(found, "blob", tree / relative / name, name if relative == layout.BLOBS else f"{relative}/{name}")
+                _add(found, "blob", tree / relative / name, name if relative == shared else f"{relative}/{name}")
     return found
 
 
@@ -183,7 +196,7 @@ def remove_empty_repositories(tree: Path) -> int:
     removed = 0
     tree_text = str(tree)
     for repository in sorted(repositories(tree), key=lambda r: -r.count("/")):
-        relative = f"{repository}/{layout.MANIFESTS}"
+        relative = layout.manifests_relpath(repository)
         if not is_plain_directory(tree_text, relative) or os.listdir(tree / relative):
             continue
         try:
@@ -243,11 +256,13 @@ def run(tree: Path, dry_run: bool = False, as_json: bool = False, quiet: bool = 
             "bytes": total,
         }, indent=2), flush=True)
     else:
-        what = f"{freed['manifest'][0]} manifests and {freed['blob'][0]} blobs, {human_bytes(total)}"
+        what = (f"{counted(freed['manifest'][0], 'manifest')} and {counted(freed['blob'][0], 'blob')}, "
+                f"{human_bytes(total)}")
         if dry_run:
             print(f"prune --dry-run: {what} would be freed; nothing was deleted", flush=True)
         elif found:
-            empty = f", {repositories_removed} empty repositories removed" if repositories_removed else ""
+            removed = counted(repositories_removed, "empty repository", "empty repositories")
+            empty = f", {removed} removed" if repositories_removed else ""
             print(f"prune: {what} freed{empty}", flush=True)
         else:
             print("prune: nothing to free: every manifest and blob is reached from a tag", flush=True)

@@ -116,7 +116,7 @@ def remove(tree: Path, ref: Ref) -> List[Dict[str, str]]:
     """Unlink what `ref` names in every repository it may be filed under; what was removed."""
     removed = []
     for repository in ref.repositories:
-        relative = f"{repository}/{layout.MANIFESTS}"
+        relative = layout.manifests_relpath(repository)
         if not is_plain_directory(str(tree), relative):
             continue
         directory = tree / relative

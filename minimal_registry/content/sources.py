@@ -27,16 +27,15 @@ from pathlib import Path
 from typing import Iterator, List, Optional
 
 from minimal_registry import manifest as manifests
-from minimal_registry import reference
+from minimal_registry import layout, reference
 from minimal_registry.content import archive, dockerarchive, jsonread, ocilayout, treesource
 from minimal_registry.content import files as source_files
-from minimal_registry.content.archive import Entry
+from minimal_registry.content.entry import Entry
 from minimal_registry.content.files import SourceFiles
 from minimal_registry.content.intact import TreeBlobs
 from minimal_registry.content.pool import Pool, Root
 from minimal_registry.fatal import Fatal
 
-STAGING_PREFIX = ".import-"
 STALE_STAGING_SECONDS = 3600
 SKOPEO_DIR_VERSION = "version"
 SKOPEO_DIR_MANIFEST = "manifest.json"
@@ -67,11 +66,11 @@ def remove_stale_staging(tree: Path) -> None:
     pid's is left alone, even if the pid now belongs to another program: removing too
     little is harmless."""
     try:
-        entries = [entry for entry in os.scandir(tree) if entry.name.startswith(STAGING_PREFIX)]
+        entries = [entry for entry in os.scandir(tree) if entry.name.startswith(layout.STAGING_PREFIX)]
     except OSError:
         return
     for entry in entries:
-        pid = entry.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        pid = entry.name[len(layout.STAGING_PREFIX):].split("-", 1)[0]
         if not pid.isascii() or not pid.isdigit() or _running(int(pid)):
             continue
         try:
@@ -115,7 +114,7 @@ def read_one(path: Path, tree: Path, pool: Pool, staging_dirs: List[Path], quiet
         return
     if not archive.is_tar(path):
         raise Fatal(f"{path} is neither a directory, a tar archive nor a manifest", KINDS_HINT)
-    staging = tree / f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    staging = tree / f"{layout.STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
     staging.mkdir(parents=True)
     staging_dirs.append(staging)
     staged = archive.stage(path, staging, quiet=quiet, already_have=_in_tree(tree_blobs),
@@ -180,7 +179,7 @@ def read_skopeo_dir(files: SourceFiles, pool: Pool) -> None:
 def read_raw_manifest(path: Path, pool: Pool) -> None:
     body = jsonread.read_document(path, str(path))
     try:
-        jsonread.parse_manifest(body)
+        manifests.parse(body)
     except manifests.NotAManifest as problem:
         try:
             json.loads(body)

@@ -24,10 +24,12 @@ from typing import Dict, Iterator, List, Optional, Tuple
 from minimal_registry import layout, reference
 from minimal_registry import manifest as manifests
 from minimal_registry.content import names
-from minimal_registry.content.archive import Entry, StagedArchive
+from minimal_registry.content.archive import StagedArchive
+from minimal_registry.content.entry import Entry
 from minimal_registry.content.pool import Pool, Root
-from minimal_registry.content.containment import is_within_tree, read_regular
+from minimal_registry.content.containment import read_regular
 from minimal_registry.fatal import Fatal
+from minimal_registry.treesafety import TreeBounds
 
 HINT = "check the source tree with `minimal-registry verify -d DIR`"
 
@@ -133,16 +135,16 @@ class _TreeView:
 class _DirectoryTree(_TreeView):
     def __init__(self, root: Path):
         self.root = root
-        self.real = os.path.realpath(root)
+        self.bounds = TreeBounds(root)  # the server's containment rule
         self._repositories = sorted(layout.repositories(root))
 
     def repositories(self) -> Iterator[str]:
         for repository in self._repositories:
-            if is_within_tree(self.real, str(layout.manifests_dir(self.root, repository))):
+            if self.bounds.holds(layout.manifests_dir(self.root, repository)):
                 yield repository
 
     def _regular(self, path: Path) -> Optional[Entry]:
-        if not is_within_tree(self.real, str(path)):
+        if not self.bounds.holds(path):
             return None
         try:
             info = path.stat()
@@ -202,7 +204,7 @@ class _StagedTree(_TreeView):
         return iter(sorted(self._by_repository))
 
     def _name(self, repository: str, entry: str) -> str:
-        return f"{self.prefix}{repository}/{layout.MANIFESTS}/{entry}"
+        return self.prefix + layout.manifest_relpath(repository, entry)
 
     def manifests(self, repository: str) -> Iterator[Tuple[str, Entry]]:
         for entry in sorted(self._by_repository[repository]):
@@ -227,4 +229,4 @@ class _StagedTree(_TreeView):
             yield entry, digest
 
     def blob(self, digest: str) -> Optional[Entry]:
-        return self.staged.lookup(f"{self.prefix}{layout.BLOBS}/{digest}")
+        return self.staged.lookup(self.prefix + layout.blob_relpath(digest))

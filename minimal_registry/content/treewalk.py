@@ -23,8 +23,6 @@ def repositories(tree: Path) -> List[Repository]:
     found = []
     # The offline tools read the whole tree, however large (the server's walk is bounded).
     for full_name in sorted(layout.repositories(tree, limit=None)):
-        if full_name.split("/", 1)[0].startswith("."):
-            continue  # an import's staging directory, never a repository
         namespace, name = reference.split_domain(full_name)
         if namespace is not None and "/" not in full_name:
             namespace, name = None, full_name

@@ -24,9 +24,13 @@ from minimal_registry import layout, reference
 from minimal_registry import manifest as manifests
 from minimal_registry.treesafety import Refused, TreeBounds
 from minimal_registry.content import atomic, hashing, treewalk
-from minimal_registry.content.formatting import human_bytes
+from minimal_registry.content.formatting import counted, human_bytes
 from minimal_registry.content.progress import Progress
-from minimal_registry.content.sources import STAGING_PREFIX
+
+# The hashing speed is shown only when it says something about the disk: a few KiB hashed in
+# a few milliseconds measure the start-up of the threads, not the reads.
+RATE_MIN_BYTES = 64 * 1024 * 1024
+RATE_MIN_SECONDS = 0.5
 
 
 @dataclass
@@ -77,13 +81,15 @@ def run(tree: Path, fast: bool = False, quiet: bool = False) -> int:
     referenced_real = {os.path.realpath(r) for r in referenced}
     unreferenced = [p for p in all_blobs if os.path.realpath(p) not in referenced_real]
     if unreferenced:
-        report.note(tree / layout.BLOBS, f"{len(unreferenced)} blobs ({human_bytes(sum(all_blobs[p] for p in unreferenced))}) "
-                    "are referenced by no manifest")
+        report.note(tree / layout.BLOBS, f"{counted(len(unreferenced), 'blob')} "
+                    f"({human_bytes(sum(all_blobs[p] for p in unreferenced))}) "
+                    f"{'is' if len(unreferenced) == 1 else 'are'} referenced by no manifest")
     rate = None
     if not fast:
         rate = _hash_blobs(all_blobs, report, quiet)
-    summary = (f"verify: {counts.repositories} repositories, {counts.tags} tags, {counts.manifests} manifests, "
-               f"{counts.blobs} blobs ({human_bytes(counts.blob_bytes)})"
+    summary = (f"verify: {counted(counts.repositories, 'repository', 'repositories')}, "
+               f"{counted(counts.tags, 'tag')}, {counted(counts.manifests, 'manifest')}, "
+               f"{counted(counts.blobs, 'blob')} ({human_bytes(counts.blob_bytes)})"
                + (f", hashed at {human_bytes(rate)}/s" if rate else "")
                + (", hashes not checked (--fast)" if fast else "")
                + f": {len(report.problems) or 'no'} problem{'' if len(report.problems) == 1 else 's'}")
@@ -124,7 +130,7 @@ def _scan_blob_dir(directory: Path, bounds: TreeBounds, report: Report, must_exi
 def _scan_leftovers(tree: Path, report: Report) -> None:
     try:
         for entry in os.scandir(tree):
-            if entry.name.startswith(STAGING_PREFIX):
+            if entry.name.startswith(layout.STAGING_PREFIX):
                 report.note(Path(entry.path), "staging directory left by an interrupted import; safe to delete")
     except OSError:
         pass
@@ -142,7 +148,8 @@ def _hash_blobs(blobs: Dict[Path, int], report: Report, quiet: bool) -> Optional
         digest, size = result
         if digest != path.name:
             report.problem(path, f"content hashes to {digest}: the blob is damaged ({human_bytes(size)})")
-    return progress.rate if progress.done else None
+    meaningful = progress.done >= RATE_MIN_BYTES and progress.elapsed >= RATE_MIN_SECONDS
+    return progress.rate if progress.done and meaningful else None
 
 
 # ----- repositories ----------------------------------------------------------------------------
