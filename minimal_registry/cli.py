@@ -72,7 +72,6 @@ MINIMAL_REGISTRY_QUIET (1 to silence the access log).
 import os
 import platform
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -89,25 +88,13 @@ MAX_WORKERS = 64
 LOG_FORMATS = ("text", "json")
 
 
-@dataclass(frozen=True)
-class ServeConfig:
-    directory: Path
-    listen: Tuple[Tuple[str, int], ...]
-    tls_cert: Optional[Path]
-    tls_key: Optional[Path]
-    max_connections: int
-    log_format: str
-    quiet: bool
-    workers: int = 1
-
-
 def main(argv=None) -> int:
     try:
         args = docopt.docopt(__doc__, argv=argv, version=version_text(), default_help=True)
     except docopt.DocoptExit:
         given = " ".join(sys.argv[1:] if argv is None else argv)
         print(f"minimal-registry: these arguments do not fit the usage: {given} "
-              "(hint: `minimal-registry --help` shows every command and option)", file=sys.stderr)
+              "; hint: `minimal-registry --help` shows every command and option", file=sys.stderr)
         return 2
     try:
         if args["import"]:
@@ -178,8 +165,9 @@ def version_text() -> str:
     )
 
 
-def serve_config(args, environ) -> ServeConfig:
+def serve_config(args, environ) -> "ServeConfig":
     """Turn docopt's dict (and the environment) into a checked ServeConfig, once."""
+    from minimal_registry.server import ServeConfig  # gevent: only when serving
 
     def option(flag, variable):
         given = args[flag]
@@ -203,14 +191,14 @@ def serve_config(args, environ) -> ServeConfig:
     max_text = option("--max-connections", "MINIMAL_REGISTRY_MAX_CONNECTIONS")
     max_connections = DEFAULT_MAX_CONNECTIONS
     if max_text is not None:
-        if not max_text.isdigit() or int(max_text) < 1:
+        if not _is_number(max_text) or int(max_text) < 1:
             raise Fatal(f"--max-connections {max_text!r} is not a positive number", "for example --max-connections 1000")
         max_connections = int(max_text)
 
     workers_text = option("--workers", "MINIMAL_REGISTRY_WORKERS")
     workers = 1
     if workers_text is not None:
-        if not workers_text.isdigit() or not 1 <= int(workers_text) <= MAX_WORKERS:
+        if not _is_number(workers_text) or not 1 <= int(workers_text) <= MAX_WORKERS:
             raise Fatal(f"--workers {workers_text!r} is not a number from 1 to {MAX_WORKERS}",
                         "for example --workers 2 (one per core at most)")
         workers = int(workers_text)
@@ -250,8 +238,13 @@ def parse_address(text: str, default_port: int) -> Tuple[str, int]:
     return host, (_port(port_text) if port_text is not None else default_port)
 
 
+def _is_number(text: str) -> bool:
+    """ASCII digits of a sane length: `str.isdigit()` is also true for '²', which int() refuses."""
+    return text.isascii() and text.isdigit() and len(text) <= 9
+
+
 def _port(text: str) -> int:
-    if not text.isdigit() or int(text) > 65535:
+    if not _is_number(text) or int(text) > 65535:
         raise Fatal(f"bad port {text!r}", "a port is a number from 0 to 65535, for example -p 9080")
     return int(text)
 
@@ -260,8 +253,10 @@ def _directory(args, environ=None, must_exist=True) -> Path:
     text = args["--dir"] or (environ or os.environ).get("MINIMAL_REGISTRY_DIR") or DEFAULT_DIR
     path = Path(text)
     if must_exist:
+        if not path.exists():
+            raise Fatal(f"content directory {path} does not exist", "give the tree with -d DIR or MINIMAL_REGISTRY_DIR")
         if not path.is_dir():
-            raise Fatal(f"content directory {path} does not exist", "give the tree with -d DIR (or MINIMAL_REGISTRY_DIR)")
+            raise Fatal(f"content directory {path} is not a directory", "give the tree with -d DIR or MINIMAL_REGISTRY_DIR")
         if not os.access(path, os.R_OK | os.X_OK):
             raise Fatal(f"content directory {path} is not readable", "check its permissions")
     return path

@@ -13,4 +13,5 @@ class Fatal(Exception):
         self.exit_code = exit_code
 
     def __str__(self) -> str:
-        return f"{self.message} (hint: {self.hint})" if self.hint else self.message
+        # "; hint:" rather than parentheses: a hint may hold parentheses of its own.
+        return f"{self.message}; hint: {self.hint}" if self.hint else self.message

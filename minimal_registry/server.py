@@ -18,6 +18,9 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Tuple
 
 import gevent
 import gevent.event
@@ -25,9 +28,8 @@ import gevent.os
 import gevent.socket
 from gevent.pywsgi import WSGIServer
 
-from minimal_registry import layout
 from minimal_registry.app import RegistryApp
-from minimal_registry.cli import ServeConfig
+from minimal_registry.content.formatting import counted
 from minimal_registry.connection import Connection, ConnectionEnded
 from minimal_registry.fatal import Fatal
 from minimal_registry.notify import notify
@@ -50,6 +52,20 @@ FDS_RESERVED = 32
 # Accept failing for want of descriptors (EMFILE): pause accepting this long, doubling.
 ACCEPT_BACKOFF_FIRST, ACCEPT_BACKOFF_MAX = 0.05, 1.0
 ACCEPT_SHORTAGE = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What `serve` needs, checked once by the command line (`cli.serve_config`)."""
+
+    directory: Path
+    listen: Tuple[Tuple[str, int], ...]
+    tls_cert: Optional[Path]
+    tls_key: Optional[Path]
+    max_connections: int
+    log_format: str
+    quiet: bool
+    workers: int = 1
 
 
 class ConnectionTable:
@@ -270,16 +286,18 @@ def serve(config: ServeConfig) -> int:
     servers = [_bind(address, app, table, config) for address in config.listen]
 
     repositories = tree.repository_names()
-    tag_count = sum(len(layout.tags(layout.manifests_dir(config.directory, name))) for name in repositories)
+    tag_count = tree.tag_count(repositories)
     notes = []
+    if not repositories:
+        notes.append("no repositories: is -d the content tree?")
     if max_connections < config.max_connections:
         notes.append(f"--max-connections lowered from {config.max_connections} to {max_connections}:"
                      f" the open-file limit is {open_files}; raise LimitNOFILE to serve more")
     if config.workers > 1:
         notes.append(f"{config.workers} worker processes, each up to {max_connections} connections")
-    start_line = "serving %s: %d repositories, %d tags, listening on %s%s" % (
-        config.directory, len(repositories), tag_count, " ".join(_url(server) for server in servers),
-        "".join(f" ({note})" for note in notes))
+    start_line = "serving %s: %s, %s, listening on %s%s" % (
+        config.directory, counted(len(repositories), "repository", "repositories"), counted(tag_count, "tag"),
+        " ".join(_url(server) for server in servers), "".join(f" ({note})" for note in notes))
     if config.workers > 1:
         return _supervise(config.workers, servers, table, start_line)
 

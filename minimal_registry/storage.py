@@ -203,6 +203,17 @@ class ContentTree:
     def repository_names(self) -> List[str]:
         return self.catalog.names()
 
+    def tag_count(self, names: List[str]) -> int:
+        """How many tags the repositories `names` hold (for the start-up line): a repository
+        that cannot be listed just now counts none."""
+        count = 0
+        for name in names:
+            try:
+                count += len(self.tags(name))
+            except errors.RegistryError:
+                pass
+        return count
+
     # --- manifests ------------------------------------------------------------------------
 
     def manifest(self, name: str, ref: str, namespace: Optional[str] = None) -> Manifest:

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from httpraw import connect, request
+from imagetree import TreeBuilder
 from serverproc import command_env, registry_command, running_registry, start_registry
 
 
@@ -32,10 +33,21 @@ def test_missing_directory_is_refused_in_one_line(tmp_path):
     assert_one_line_error(run_cli("-d", str(tmp_path / "nope"), "-l", "127.0.0.1:0"), "does not exist")
 
 
-def test_unreadable_directory_is_refused(tmp_path):
-    file = tmp_path / "a-file"
+def test_a_file_given_as_the_tree_is_named_as_not_a_directory(tmp_path):
+    file = tmp_path / "README.md"
     file.write_text("")
-    assert_one_line_error(run_cli("-d", str(file), "-l", "127.0.0.1:0"), "does not exist")
+    assert_one_line_error(run_cli("-d", str(file), "-l", "127.0.0.1:0"), "is not a directory")
+
+
+@pytest.mark.parametrize("flag", ["-p", "--max-connections", "--workers"])
+def test_a_number_in_other_digits_is_refused_in_one_line(tmp_path, flag):
+    # '\u00b2'.isdigit() is True and int() refuses it: it used to end in a traceback.
+    assert_one_line_error(run_cli("-d", str(tmp_path), flag, "\u00b2"), flag if flag != "-p" else "port")
+
+
+def test_a_hint_reads_without_nested_parentheses(tmp_path):
+    result = run_cli("-d", str(tmp_path / "nope"), "-l", "127.0.0.1:0")
+    assert "; hint: give the tree with -d DIR or MINIMAL_REGISTRY_DIR" in result.stderr
 
 
 def test_port_in_use_is_refused_in_one_line(small_tree):
@@ -86,6 +98,19 @@ def test_start_up_line_says_what_is_served(registry, full_tree):
     assert len(start_up) == 1
     tags = len(full_tree.all_tagged())
     assert f"serving {full_tree.root}: 9 repositories, {tags} tags, listening on http://{registry.host_port}" in start_up[0]
+
+
+def test_an_empty_tree_is_served_with_a_warning_on_the_start_up_line(tmp_path):
+    with running_registry(tmp_path) as registry:
+        start_up = [line for line in registry.log().splitlines() if "serving" in line]
+    assert "0 repositories, 0 tags" in start_up[0] and "is -d the content tree?" in start_up[0]
+
+
+def test_one_repository_is_counted_in_the_singular(tmp_path):
+    TreeBuilder(tmp_path / "registry").image("library/only", "v1")
+    with running_registry(tmp_path / "registry") as registry:
+        start_up = [line for line in registry.log().splitlines() if "serving" in line]
+    assert "1 repository, 1 tag, listening on" in start_up[0]
 
 
 def test_original_command_line_still_works(small_tree):
