@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 import time
 from urllib.parse import unquote_to_bytes
@@ -94,10 +95,18 @@ class FileWrapper:
 
 def error_answer(status: int, reason: str) -> bytes:
     """A complete final answer for a request we refuse before the app sees it."""
-    phrase = {400: "Bad Request", 414: "URI Too Long"}[status]
+    phrase = {400: "Bad Request", 405: "Method Not Allowed", 414: "URI Too Long"}[status]
+    allow = b"Allow: GET, HEAD\r\n" if status == 405 else b""
     body = RegistryError(status, "UNSUPPORTED", reason).body()
-    return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (status, phrase.encode(), len(body), body))
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n%s"
+            b"Content-Length: %d\r\n\r\n%s" % (status, phrase.encode(), allow, len(body), body))
+
+
+# A request line that starts with a method llhttp does not know (`BREW /v2/ HTTP/1.1`): a
+# valid token (RFC 9110 section 9.1) all the same, so it is a method we do not allow (405),
+# not a malformed request (400). The request starts at the beginning of what arrived or
+# after the previous request's head.
+_UNKNOWN_METHOD_RE = re.compile(rb"(?:^|\r\n\r\n)[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32} [^ \r\n]")
 
 
 class _Clock:
@@ -326,6 +335,8 @@ class Connection:
             if first and data.startswith(b"\x16\x03"):
                 return self._refuse(400, "TLS handshake on a plain-HTTP port", log_reason=(
                     "TLS handshake on a plain-HTTP port: the client wants https://, this listener serves http://"))
+            if isinstance(error, httptools.HttpParserInvalidMethodError) and _UNKNOWN_METHOD_RE.search(data):
+                return self._refuse(405, "this registry is read-only: only GET and HEAD are supported")
             return self._refuse(400, f"malformed request: {error}")
         if self.in_head:
             if self.head_bytes > MAX_HEAD + MAX_URL:

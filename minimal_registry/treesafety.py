@@ -159,5 +159,8 @@ def _real_path_of(fd: int, path: PathLike) -> str:
     except OSError:
         return os.path.realpath(path)
     if real.endswith(" (deleted)") and os.fstat(fd).st_nlink == 0:
-        raise FileNotFoundError(2, "removed while being opened", str(path))
+        # Replaced (a tag rewritten by rename) or removed just after it was opened: what is
+        # open is the whole file as it was a moment ago, as good an answer as one given a
+        # moment earlier. Where it was is what containment judges.
+        real = real[:-len(" (deleted)")]
     return real

@@ -70,3 +70,40 @@ def test_a_fifo_swapped_in_after_the_check_does_not_block_and_is_refused(tree, m
 def test_a_missing_file_is_an_os_error_not_a_refusal(tree):
     with pytest.raises(FileNotFoundError):
         TreeBounds(tree).open_regular(tree / "blobs" / "absent")
+
+
+def test_a_file_replaced_by_rename_just_after_it_was_opened_is_read_as_it_was(tree, monkeypatch):
+    # The soak found it: a plain-file tag rewritten by rename between the open and the check
+    # of the descriptor's path answered 404 "manifest unknown" for a tag that always existed.
+    path = tree / "blobs" / "good"
+    replacement = tree / "blobs" / ".next"
+    replacement.write_bytes(b"the next version")
+    real_open = os.open
+
+    def open_then_replace(target, flags, *args, **kwargs):
+        fd = real_open(target, flags, *args, **kwargs)
+        if str(target) == str(path):
+            os.replace(replacement, path)
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_replace)
+    with TreeBounds(tree).open_regular(path) as opened:
+        assert opened.read(100) == b"inside"
+    assert path.read_bytes() == b"the next version"
+
+
+def test_a_file_replaced_by_rename_with_a_link_out_of_the_tree_is_still_refused(tree, tmp_path, monkeypatch):
+    path = tree / "blobs" / "good"
+    real_open = os.open
+
+    def open_then_unlink(target, flags, *args, **kwargs):
+        fd = real_open(target, flags, *args, **kwargs)
+        if str(target) == str(path):
+            os.unlink(path)
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_unlink)
+    os.unlink(path)
+    path.symlink_to(tmp_path / "outside")
+    with pytest.raises(Refused):
+        TreeBounds(tree).open_regular(path)
