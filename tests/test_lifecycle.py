@@ -104,23 +104,13 @@ def test_options_come_from_the_environment_and_the_command_line_wins(small_tree,
         port = probe.getsockname()[1]
     env = {"MINIMAL_REGISTRY_DIR": str(small_tree.root), "MINIMAL_REGISTRY_LISTEN": f"127.0.0.1:{port}",
            "MINIMAL_REGISTRY_LOG_FORMAT": "json"}
-    log_path = tmp_path / "env.log"
-    command = registry_command()
-    process = subprocess.Popen(command, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env=command_env(env))
-    try:
-        from serverproc import LISTENING_RE, RunningRegistry
-
-        deadline = time.monotonic() + 20
-        while not LISTENING_RE.search(log_path.read_text()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        registry = RunningRegistry(process, small_tree.root, log_path, "http", f"127.0.0.1:{port}")
+    # Neither -d nor -l: both come from the environment.
+    with running_registry(None, listen=None, env=env, log_path=tmp_path / "env.log") as registry:
+        assert registry.host_port == f"127.0.0.1:{port}"
         assert request(registry, "GET", "/v2/library/hello/manifests/latest")[0] == 200
         time.sleep(0.2)
-        access = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+        access = [json.loads(line) for line in registry.log().splitlines() if line.startswith("{")]
         assert access and access[-1]["path"] == "/v2/library/hello/manifests/latest" and access[-1]["status"] == 200
-    finally:
-        process.terminate()
-        process.wait(10)
     # The command line wins over the environment.
     with running_registry(small_tree.root, env={"MINIMAL_REGISTRY_DIR": "/nonexistent"}) as registry:
         assert request(registry, "GET", "/v2/")[0] == 200
