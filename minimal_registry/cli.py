@@ -207,7 +207,7 @@ def serve_config(args, environ) -> "ServeConfig":
     if log_format not in LOG_FORMATS:
         raise Fatal(f"--log-format {log_format!r} is unknown", "use --log-format text or --log-format json")
 
-    quiet = bool(args["--quiet"]) or environ.get("MINIMAL_REGISTRY_QUIET", "") not in ("", "0", "false", "no")
+    quiet = bool(args["--quiet"]) or environ.get("MINIMAL_REGISTRY_QUIET", "").strip().lower() not in ("", "0", "false", "no", "off")
     return ServeConfig(
         directory=_directory(args, environ=environ),
         listen=tuple(addresses),

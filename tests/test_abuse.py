@@ -203,7 +203,7 @@ def _soft_open_files(pid):
 
 
 def test_start_up_raises_the_open_file_limit_to_the_hard_limit(small_tree):
-    registry = start_registry_with_limits(small_tree, 256, 4096)
+    registry = start_registry(small_tree.root, preexec_fn=_limit_open_files(256, 4096))
     try:
         assert _soft_open_files(_python_pid(registry.process)) == 4096
         assert "lowered" not in registry.log()
@@ -212,17 +212,13 @@ def test_start_up_raises_the_open_file_limit_to_the_hard_limit(small_tree):
 
 
 def test_max_connections_is_lowered_to_what_the_open_file_limit_fits_and_said(small_tree):
-    registry = start_registry_with_limits(small_tree, 128, 128)
+    registry = start_registry(small_tree.root, preexec_fn=_limit_open_files(128, 128))
     try:
         start_up = [line for line in registry.log().splitlines() if "listening on" in line][0]
         assert "--max-connections lowered from 1000 to 48: the open-file limit is 128" in start_up
         assert request(registry, "GET", "/v2/")[0] == 200
     finally:
         registry.stop()
-
-
-def start_registry_with_limits(tree, soft, hard):
-    return start_registry(tree.root, preexec_fn=_limit_open_files(soft, hard))
 
 
 def test_accept_out_of_descriptors_backs_off_instead_of_spinning(small_tree):

@@ -21,19 +21,17 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from notifysocket import bind_notify_socket
+from serverproc import RunningRegistry, running_registry
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("MINIMAL_REGISTRY_TEST_CACHE") or PROJECT_ROOT / "build" / "cache")
 DEBIAN_MIRROR = os.environ.get("MINIMAL_REGISTRY_TEST_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 IN_CI = os.environ.get("CI", "").lower() == "true"
-LISTENING_RE = re.compile(rb"listening on http://(127\.0\.0\.1:\d+)")
 DEB_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 HOST_MACHINE = platform.machine()
 NAME = "library/tiny"
@@ -123,60 +121,24 @@ def make_tree(root: Path) -> dict:
 
 # --- running the binary ----------------------------------------------------------------------
 
-class Server:
-    def __init__(self, process, log_path, host_port):
-        self.process, self.log_path, self.host_port = process, log_path, host_port
-
-    def get(self, path, method="GET"):
-        request = urllib.request.Request(f"http://{self.host_port}{path}", method=method)
-        with HTTP.open(request, timeout=30) as response:
-            return response.status, dict(response.headers), response.read()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout=30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-                pytest.fail(f"no exit {timeout}s after SIGTERM:\n{self.log()}")
-        return self.process.returncode
+def serving(program, root, log_path: Path, prefix=(), env=None, start_timeout=30.0, **options):
+    """serverproc.running_registry for the built binary: `program` under `prefix` (unshare +
+    chroot), serving `root` as the server sees it, with `env` alone (default: a PATH) and in
+    its own process group, as systemd starts it."""
+    return running_registry(root, program=[str(program)], prefix=prefix, log_path=log_path, clean_env=True,
+                            env=env if env is not None else {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                            own_session=True, start_timeout=start_timeout, **options)
 
 
-@contextmanager
-def serving(command, log_path: Path, env=None, start_timeout=30.0, preexec_fn=None):
-    """Start `command` (which must log `listening on ...`) in its own process group."""
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=env if env is not None else {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-                                   start_new_session=True, preexec_fn=preexec_fn)
-    server = None
-    try:
-        deadline = time.monotonic() + start_timeout
-        while server is None:
-            match = LISTENING_RE.search(log_path.read_bytes())
-            if match:
-                server = Server(process, log_path, match.group(1).decode())
-            elif process.poll() is not None:
-                pytest.fail(f"exited with {process.returncode} before listening:\n{log_path.read_text()}")
-            elif time.monotonic() > deadline:
-                pytest.fail(f"not listening after {start_timeout}s:\n{log_path.read_text()}")
-            else:
-                time.sleep(0.02)
-        yield server
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+def http_get(server: RunningRegistry, path: str):
+    with HTTP.open(urllib.request.Request(server.url + path), timeout=30) as response:
+        return response.status, dict(response.headers), response.read()
 
 
 def in_chroot(root: Path, *argv: str):
     """Run argv in `root` with /proc mounted, in a private mount namespace that vanishes with
-    it. Every step execs the next, so the returned process's pid is the binary's own."""
+    it. Every step execs the next, so the returned process's pid is the binary's own. Without
+    argv: the prefix to put before a command."""
     script = 'mount -t proc proc "$1/proc" && root="$1" && shift && exec chroot "$root" "$@"'
     return ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script, "sh", str(root), *argv]
 
@@ -191,14 +153,14 @@ def empty_root(tmp_path: Path, executable: Path) -> Path:
     return root
 
 
-def assert_serves(server: Server, tree: dict):
-    status, headers, body = server.get("/v2/")
+def assert_serves(server: RunningRegistry, tree: dict):
+    status, headers, body = http_get(server, "/v2/")
     assert (status, body) == (200, b"{}")
-    status, headers, body = server.get(f"/v2/{NAME}/manifests/{TAG}")
+    status, headers, body = http_get(server, f"/v2/{NAME}/manifests/{TAG}")
     assert (status, body) == (200, tree["manifest"])
     assert headers["Content-Type"] == OCI_MANIFEST
     assert headers["Docker-Content-Digest"] == _digest(tree["manifest"])
-    status, headers, body = server.get(f"/v2/{NAME}/blobs/{_digest(tree['layer'])}")
+    status, headers, body = http_get(server, f"/v2/{NAME}/blobs/{_digest(tree['layer'])}")
     assert status == 200 and headers["Content-Length"] == str(len(tree["layer"]))
     assert body == tree["layer"], "the blob must arrive byte for byte"
 
@@ -225,8 +187,7 @@ def test_version_names_the_architecture_python_and_gevent(binary):
 def test_serves_a_blob_byte_for_byte_in_an_empty_chroot(binary, root_only, tmp_path):
     root = empty_root(tmp_path, binary)
     tree = make_tree(root / "registry")
-    command = in_chroot(root, "/minimal-registry", "-d", "/registry", "-l", "127.0.0.1:0")
-    with serving(command, tmp_path / "log") as server:
+    with serving("/minimal-registry", "/registry", tmp_path / "log", prefix=in_chroot(root)) as server:
         assert_serves(server, tree)
         assert server.stop() == 0, server.log()
     assert leftovers(root / "tmp") == []
@@ -258,9 +219,8 @@ def test_serves_a_blob_on_debian_11_with_glibc_2_31(binary, bullseye_root, tmp_p
         shutil.copy2(binary, work / "minimal-registry")
         tree = make_tree(work / "registry")
         inside = Path("/") / work.relative_to(bullseye_root)
-        command = in_chroot(bullseye_root, "/usr/bin/env", "-i", f"TMPDIR={inside}",
-                            str(inside / "minimal-registry"), "-d", str(inside / "registry"), "-l", "127.0.0.1:0")
-        with serving(command, tmp_path / "log") as server:
+        prefix = in_chroot(bullseye_root, "/usr/bin/env", "-i", f"TMPDIR={inside}")
+        with serving(inside / "minimal-registry", inside / "registry", tmp_path / "log", prefix=prefix) as server:
             assert_serves(server, tree)
             assert server.stop() == 0, server.log()
         assert leftovers(work) == []
@@ -276,8 +236,7 @@ def test_sigterm_stops_gracefully_and_leaves_nothing_in_tmpdir(binary, tmp_path,
     tmpdir.mkdir()
     tree = make_tree(tmp_path / "registry")
     env = {"PATH": "/usr/bin:/bin", "TMPDIR": str(tmpdir)}
-    command = [str(binary), "-d", str(tmp_path / "registry"), "-l", "127.0.0.1:0"]
-    with serving(command, tmp_path / "log", env=env) as server:
+    with serving(binary, tmp_path / "registry", tmp_path / "log", env=env) as server:
         assert_serves(server, tree)
         assert leftovers(tmpdir), "a running one-file binary unpacks into $TMPDIR"
         if whole_group:
@@ -305,8 +264,7 @@ def test_ready_and_stopping_reach_notify_socket_from_a_child_process(binary, tmp
         return data.decode(), sender
 
     try:
-        command = [str(binary), "-d", str(tree_root), "-l", "127.0.0.1:0"]
-        with serving(command, tmp_path / "log", env=env) as server:
+        with serving(binary, tree_root, tmp_path / "log", env=env) as server:
             state, sender = receive()
             assert "READY=1" in state.split("\n")
             assert sender is not None and sender != server.process.pid, \
@@ -335,9 +293,8 @@ def test_runs_under_memory_deny_write_execute(binary, tmp_path):
     if probe.returncode == 97:
         pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+)")
     tree = make_tree(tmp_path / "registry")
-    command = [str(binary), "-d", str(tmp_path / "registry"), "-l", "127.0.0.1:0"]
     env = {"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)}
-    with serving(command, tmp_path / "log", env=env, preexec_fn=_refuse_exec_gain) as server:
+    with serving(binary, tmp_path / "registry", tmp_path / "log", env=env, preexec_fn=_refuse_exec_gain) as server:
         assert_serves(server, tree)
         assert server.stop() == 0, server.log()
 
@@ -385,8 +342,8 @@ def test_arm64_binary_serves_in_an_empty_chroot_and_reports_aarch64(arm64_binary
                              capture_output=True, text=True, timeout=120, env={})
     assert version.returncode == 0, version.stderr
     assert "(aarch64; Python 3." in version.stdout, version.stdout
-    command = in_chroot(root, "/minimal-registry", "-d", "/registry", "-l", "127.0.0.1:0")
-    with serving(command, tmp_path / "log", start_timeout=120) as server:
+    with serving("/minimal-registry", "/registry", tmp_path / "log", prefix=in_chroot(root),
+                 start_timeout=120) as server:
         assert_serves(server, tree)
         assert server.stop(timeout=60) == 0, server.log()
     assert leftovers(root / "tmp") == []

@@ -12,13 +12,12 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 import imagetree
 from httpraw import connect, request
-from serverproc import LISTENING_RE, RunningRegistry, START_TIMEOUT, command_env, registry_command, running_registry
+from serverproc import command_env, registry_command, running_registry, start_registry
 
 WAIT = 20.0  # every wait in this file is bounded by this
 
@@ -43,26 +42,10 @@ def tree(tmp_path):
 
 # ----- file descriptors run out ------------------------------------------------------------
 
-def start_with_fd_limit(root: Path, limit: int, log_path: Path) -> RunningRegistry:
-    """The registry with soft AND hard RLIMIT_NOFILE at `limit` (so raising the soft limit to
-    the hard one at start-up cannot lift it)."""
-    def lower_limit():
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
-
-    command = registry_command() + ["-d", str(root), "-l", "127.0.0.1:0", "-q"]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=command_env(), preexec_fn=lower_limit)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        match = LISTENING_RE.search(log_path.read_text(errors="replace"))
-        if match:
-            return RunningRegistry(process, root, log_path, match.group(1), match.group(2))
-        if process.poll() is not None:
-            raise RuntimeError(log_path.read_text())
-        time.sleep(0.02)
-    process.kill()
-    raise RuntimeError(f"registry did not start:\n{log_path.read_text()}")
+def fd_limit(limit: int):
+    """For start_registry's preexec_fn: soft AND hard RLIMIT_NOFILE at `limit` (so raising
+    the soft limit to the hard one at start-up cannot lift it)."""
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
 
 def test_out_of_file_descriptors_existing_content_gets_503_never_404(tree, tmp_path):
@@ -70,7 +53,7 @@ def test_out_of_file_descriptors_existing_content_gets_503_never_404(tree, tmp_p
     expected = {f"/v2/library/hello/blobs/{blob.digest}": blob.data for item in items for blob in item.blobs}
     # Just written, so not trusted from memory yet (SETTLE_SECONDS): each GET opens the file.
     expected.update({f"/v2/{item.repository}/manifests/{item.tag}": item.data for item in items})
-    registry = start_with_fd_limit(tree.root, 48, tmp_path / "registry.log")
+    registry = start_registry(tree.root, "-q", log_path=tmp_path / "registry.log", preexec_fn=fd_limit(48))
     try:
         def fetch(url):
             try:

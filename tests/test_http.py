@@ -2,7 +2,6 @@
 slow and vanishing clients (PROTOCOL.md P1-P21)."""
 
 import os
-import signal
 import socket
 import threading
 import time
@@ -11,6 +10,7 @@ from contextlib import contextmanager
 import pytest
 
 from httpraw import connect, raw, request, sha256_of_body, status_of
+from serverproc import running_registry
 
 MISSING = "sha256:" + "0" * 64
 
@@ -222,33 +222,16 @@ def test_a_tls_handshake_on_the_http_port_is_refused_with_one_clean_log_line(reg
 def traced_registry(root, tmp_path, syscalls, *args):
     """The registry under strace, tracing `syscalls`; yields (registry, trace file)."""
     import shutil
-    import subprocess
-
-    from serverproc import LISTENING_RE, RunningRegistry, command_env, registry_command
 
     strace = shutil.which("strace")
     assert strace, "strace is needed to watch the server's system calls (apt-get install strace)"
-    trace, log_path = tmp_path / "trace", tmp_path / "registry.log"
-    command = [strace, "-f", "-qq", "-e", f"trace={syscalls}", "-e", "read=none", "-e", "write=none",
-               "-s", "0", "-o", str(trace)]
-    command += registry_command() + ["-d", str(root), "-l", "127.0.0.1:0", *args]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=command_env())
-    try:
-        deadline = time.monotonic() + 30
-        while not LISTENING_RE.search(log_path.read_text()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        match = LISTENING_RE.search(log_path.read_text())
-        assert match, log_path.read_text()
-        yield RunningRegistry(process, root, log_path, "http", match.group(2)), trace
-    finally:
-        # Stop the traced server itself; strace then exits with it.
-        for child in subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split():
-            os.kill(int(child), signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    trace = tmp_path / "trace"
+    prefix = [strace, "-f", "-qq", "-e", f"trace={syscalls}", "-e", "read=none", "-e", "write=none",
+              "-s", "0", "-o", str(trace)]
+    # SIGTERM goes to the traced server itself; strace then exits with it.
+    with running_registry(root, *args, prefix=prefix, signal_child=True, log_path=tmp_path / "registry.log",
+                          start_timeout=30) as registry:
+        yield registry, trace
 
 
 def call_name(line: str) -> str:

@@ -38,7 +38,7 @@ from typing import Dict, List
 
 import pytest
 
-from serverproc import LISTENING_RE, PROJECT_ROOT, command_env, registry_command
+from serverproc import PROJECT_ROOT, running_registry
 from notifysocket import bind_notify_socket
 
 UNIT = PROJECT_ROOT / "minimal-registry.service"
@@ -226,37 +226,6 @@ def test_leftover_cleanup_command_removes_only_unpacked_copies(tmp_path):
 
 # ----- Type=notify: READY=1 and STOPPING=1 ---------------------------------------------------
 
-def start_server(tree: Path, log_path: Path, env: dict, prefix: List[str] = ()) -> subprocess.Popen:
-    command = list(prefix) + registry_command() + ["-d", str(tree), "-l", "127.0.0.1:0"]
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=command_env(env))
-
-
-def wait_listening(process: subprocess.Popen, log_path: Path, timeout: float = 30) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = LISTENING_RE.search(log_path.read_text(errors="replace"))
-        if match:
-            return f"{match.group(1)}://{match.group(2)}"
-        if process.poll() is not None:
-            pytest.fail(f"server exited {process.returncode}:\n{log_path.read_text()}", pytrace=False)
-        time.sleep(0.02)
-    process.kill()
-    pytest.fail(f"server did not listen within {timeout}s:\n{log_path.read_text()}", pytrace=False)
-
-
-def stop(process: subprocess.Popen) -> int:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
-
-
 def receive(sock: socket.socket, timeout: float) -> List[str]:
     sock.settimeout(timeout)
     try:
@@ -268,22 +237,17 @@ def receive(sock: socket.socket, timeout: float) -> List[str]:
 @pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
 def test_server_notifies_ready_then_stopping(small_tree, tmp_path, abstract):
     sock, notify_socket = bind_notify_socket(tmp_path, abstract)
-    log_path = tmp_path / "server.log"
-    process = start_server(small_tree.root, log_path, {"NOTIFY_SOCKET": notify_socket})
-    try:
+    with sock, running_registry(small_tree.root, env={"NOTIFY_SOCKET": notify_socket},
+                                log_path=tmp_path / "server.log", start_timeout=30) as registry:
         ready = receive(sock, 30)
-        assert "READY=1" in ready, f"no READY=1 (got {ready}):\n{log_path.read_text()}"
+        assert "READY=1" in ready, f"no READY=1 (got {ready}):\n{registry.log()}"
         # READY=1 means serving: /v2/ answers at once.
-        url = wait_listening(process, log_path)
-        with urllib.request.urlopen(url + "/v2/", timeout=10) as response:
+        with urllib.request.urlopen(registry.url + "/v2/", timeout=10) as response:
             assert response.status == 200
-        process.send_signal(signal.SIGTERM)
+        registry.process.send_signal(signal.SIGTERM)
         stopping = receive(sock, 20)
-        assert "STOPPING=1" in stopping, f"no STOPPING=1 (got {stopping}):\n{log_path.read_text()}"
-        assert process.wait(20) == 0, log_path.read_text()
-    finally:
-        stop(process)
-        sock.close()
+        assert "STOPPING=1" in stopping, f"no STOPPING=1 (got {stopping}):\n{registry.log()}"
+        assert registry.process.wait(20) == 0, registry.log()
 
 
 # ----- the sandbox ---------------------------------------------------------------------------
@@ -372,22 +336,19 @@ def test_server_serves_under_the_units_sandbox(small_tree, tmp_path):
     sock, notify_socket = bind_notify_socket(tmp_path, abstract=False)
     log_path = tmp_path / "server.log"
     env = {"SANDBOX_SPEC": json.dumps(spec), "TMPDIR": str(cache), "NOTIFY_SOCKET": notify_socket}
-    process = start_server(small_tree.root, log_path, env, prefix=[SYSTEM_PYTHON, "-c", SANDBOX])
-    try:
-        assert "READY=1" in receive(sock, 30), log_path.read_text()
-        url = wait_listening(process, log_path)
+    # The launcher installs the filter and execs the server: one process, the server's pid.
+    with sock, running_registry(small_tree.root, env=env, log_path=log_path, start_timeout=30,
+                                prefix=[SYSTEM_PYTHON, "-c", SANDBOX]) as registry:
+        assert "READY=1" in receive(sock, 30), registry.log()
         image = small_tree.hello
-        request = urllib.request.Request(f"{url}/v2/{image.name}/manifests/{image.tag}",
+        request = urllib.request.Request(f"{registry.url}/v2/{image.name}/manifests/{image.tag}",
                                          headers={"Accept": image.media_type})
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.read() == image.data
         layer = image.layers[0]
-        with urllib.request.urlopen(f"{url}/v2/{image.name}/blobs/{layer.digest}", timeout=10) as response:
+        with urllib.request.urlopen(f"{registry.url}/v2/{image.name}/blobs/{layer.digest}", timeout=10) as response:
             assert response.read() == layer.data
-        assert stop(process) == 0, log_path.read_text()
-    finally:
-        stop(process)
-        sock.close()
+        assert registry.stop() == 0, registry.log()
     assert "Traceback" not in log_path.read_text(), log_path.read_text()
     assert list(cache.iterdir()) == [], "the one-file binary left its unpacked copy behind"
 

@@ -78,9 +78,3 @@ def test_a_worker_that_dies_is_replaced(small_tree):
     finally:
         registry.stop()
 
-
-def test_a_bad_worker_count_is_refused(small_tree):
-    from test_lifecycle import assert_one_line_error, run_cli
-
-    assert_one_line_error(run_cli("-d", str(small_tree.root), "--workers", "0"), "--workers")
-    assert_one_line_error(run_cli("-d", str(small_tree.root), "--workers", "many"), "--workers")
