@@ -78,7 +78,8 @@ class RegistryApp:
         file_wrapper = environ.get("wsgi.file_wrapper")
         if file_wrapper is not None:
             # PEP 3333: the server sends from the file's position, Content-Length bytes.
-            file.seek(body.offset)
+            if body.offset:  # a file just opened is at its first byte: no lseek for a whole blob
+                file.seek(body.offset)
             return file_wrapper(file, READ_CHUNK)
         return FileChunks(file, body.offset, body.length)
 

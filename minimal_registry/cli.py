@@ -70,7 +70,6 @@ MINIMAL_REGISTRY_QUIET (1 to silence the access log).
 """
 
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Optional, Tuple
@@ -153,6 +152,8 @@ def main(argv=None) -> int:
 
 
 def version_text() -> str:
+    import platform  # only for --version: not on the serving path
+
     try:
         import gevent
 

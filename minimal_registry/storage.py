@@ -162,6 +162,7 @@ class ContentTree:
         self.catalog = Catalog(self.root)
         self.faults = ReadFaults()
         self._lookups = BoundedCache()  # (namespace, name, ref) -> Lookup
+        self._blob_lookups = BoundedCache()  # (namespace, name, digest) -> (manifests/, BlobFile, identity)
         self._reported = set()  # (path, what) already logged: one line per refusal
         self._tree_missing = False
 
@@ -351,10 +352,16 @@ class ContentTree:
             raise errors.digest_invalid(digest)
         if not reference.is_name(name):
             raise errors.name_invalid(name)
+        key = (namespace if namespace and reference.is_host(namespace) else None, name, digest)
+        known = self._blob_lookups.get(key)
+        if known is not None and self._blob_still_holds(known):
+            return known[1]
         # The repository must exist (else NAME_UNKNOWN), but the bytes come from ROOT/blobs,
         # checked by `_find`: a plain isdir is enough here, and the first one found ends it.
         candidates = layout.repository_relpaths(name, namespace)
-        if not any(os.path.isdir(f"{self.real_root}/{layout.manifests_relpath(r)}") for r in candidates):
+        repository = next((path for path in (f"{self.real_root}/{layout.manifests_relpath(r)}" for r in candidates)
+                           if os.path.isdir(path)), None)
+        if repository is None:
             self._check_tree()
             raise errors.name_unknown(name)
         if self._tree_missing:
@@ -368,7 +375,20 @@ class ContentTree:
         if found is None:
             raise errors.blob_unknown(digest)
         real, st = found
-        return BlobFile(real, st.st_size, digest)
+        blob = BlobFile(real, st.st_size, digest)
+        self._blob_lookups.put(key, (repository, blob, identity(st)), 0)
+        return blob
+
+    @staticmethod
+    def _blob_still_holds(known) -> bool:
+        """Two stats instead of a walk: the repository is still a directory, and the file found
+        is still the same one (device, inode, size, mtime, ctime). The file's type and its place
+        inside the tree are checked again when it is opened (`open_blob`), whatever this says."""
+        repository, blob, known_identity = known
+        try:
+            return stat.S_ISDIR(os.stat(repository).st_mode) and identity(os.stat(blob.path)) == known_identity
+        except OSError:
+            return False  # looked up in full: a missing file is a 404, a failing disk a 503 there
 
     def open_blob(self, blob_path: str, end: int) -> "BlobReader":
         """Open a blob found by `blob` for sending bytes up to `end`; RegistryError (404 or

@@ -167,3 +167,47 @@ def test_tags_are_paged_with_a_link_to_the_next_page(builder):
     assert first.headers["Link"] == '</v2/app/tags/list?n=2&last=v1>; rel="next"'
     second = call(app, "GET", "/v2/app/tags/list?n=2&last=v1")
     assert second.json()["tags"] == ["v2", "v3"] and "Link" not in second.headers
+
+
+def count_looks(monkeypatch):
+    """Count the file-system looks (stat, lstat, readlink, open) the storage layer makes."""
+    counts = {"n": 0}
+    for module, names in ((storage.os, ("stat", "lstat", "readlink", "open", "fstat")),
+                          (storage.os.path, ("isdir",))):
+        for fname in names:
+            real = getattr(module, fname)
+
+            def counted(*args, _real=real, **kwargs):
+                counts["n"] += 1
+                return _real(*args, **kwargs)
+            monkeypatch.setattr(module, fname, counted)
+    return counts
+
+
+def test_a_repeated_blob_lookup_costs_two_stats(builder, monkeypatch):
+    image = builder.image("library/hello", "latest")
+    layer = image.layers[0]
+    tree = ContentTree(builder.root)
+    first = tree.blob("library/hello", layer.digest)
+    counts = count_looks(monkeypatch)
+    again = tree.blob("library/hello", layer.digest)
+    monkeypatch.undo()
+    assert again == first
+    # The repository still there, the file still the same: not a walk of the path each time.
+    assert counts["n"] <= 2
+
+
+def test_a_blob_replaced_after_lookup_is_looked_up_again(builder):
+    image = builder.image("app", "v1", files={"a": b"1"})
+    layer = image.layers[0]
+    app = RegistryApp(ContentTree(builder.root))
+    assert call(app, "GET", f"/v2/app/blobs/{layer.digest}").body == layer.data
+    blob = builder.root / "blobs" / layer.digest
+    blob.unlink()
+    os.mkfifo(blob)
+    assert call(app, "GET", f"/v2/app/blobs/{layer.digest}").status == 404
+    blob.unlink()
+    blob.write_bytes(layer.data)
+    assert call(app, "GET", f"/v2/app/blobs/{layer.digest}").body == layer.data
+    shutil.rmtree(builder.root / "app")
+    assert call(app, "GET", f"/v2/app/blobs/{layer.digest}").status == 404
