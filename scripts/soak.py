@@ -17,7 +17,7 @@ Docker-Content-Digest, which must be one of the tag's valid digests), a range's 
 against the slice of the known blob, every status against the one the request deserves.
 Violations: a 5xx (but the fault's 503s), a wrong status or byte, a connection error the
 soak did not cause, an ERROR or traceback in the server log, the server's file descriptors
-growing (start and end, idle), or its RSS growing by more than 4 MiB from the end of warm-up
+growing (start and end, idle), or its RSS growing by more than 5 MiB from the end of warm-up
 (a third of the run, 20 to 60 s: the allocator's high water for 200 clients is reached by
 then and stays) to the end. Exit status 1 on any violation, with one summary line per kind.
 """
@@ -54,11 +54,12 @@ FAULT_SECONDS = 4.0
 FAULT_GRACE = 1.0  # answers this soon after a fault ends may still be its 503s
 FD_MARGIN = 5
 # Memory: the allocator keeps the high water of 200 clients at once, reached in the first
-# 20 s or so, and RSS then stays within a MiB. A leak keeps growing: after warm-up (a third
-# of the run, at least WARMUP_MIN, at most WARMUP_MAX) RSS may grow by RSS_GROWTH at most.
-# A glibc heap pinned by over-sized reads grew 10 MiB in the 100 s after warm-up; fixed, 0.7.
+# 20 s or so; after it RSS creeps by a few MiB at most (free chunks of the heap, measured
+# +2.7 MiB in the 240 s after warm-up of a 300 s run). A leak keeps growing: after warm-up
+# (a third of the run, at least WARMUP_MIN, at most WARMUP_MAX) RSS may grow by RSS_GROWTH.
+# A glibc heap pinned by over-sized manifest reads grew 10 MiB in the 100 s after warm-up.
 WARMUP_MIN, WARMUP_MAX = 20.0, 60.0
-RSS_GROWTH = 4 * MIB
+RSS_GROWTH = 5 * MIB
 MANIFEST_ACCEPT = ", ".join([
     "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
