@@ -29,6 +29,7 @@ BLOBS = "blobs"  # layout.BLOBS; repeated so this module depends on nothing
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
 
 PathLike = Union[str, Path]
+READ_CHUNK = 64 * 1024
 
 
 class Refused(ValueError):
@@ -63,7 +64,14 @@ class OpenFile:
         """Up to `limit` bytes from the start (fewer only at the end of the file)."""
         chunks, left = [], limit
         while left > 0:
-            chunk = os.pread(self.fd, min(left, 1 << 20), limit - left)
+            offset = limit - left
+            # Ask for what the file holds (one byte more, to see its end), never for `limit`:
+            # callers pass 4 MiB for a manifest of a few KiB. A buffer that big, freed unused,
+            # raises glibc's mmap threshold, and each later one comes from the heap, is cut
+            # down to the file and pins the heap around it: RSS grows for minutes. Chunks stay
+            # under glibc's default threshold (128 KiB) for the same reason.
+            expected = self.stat.st_size - offset
+            chunk = os.pread(self.fd, min(left, READ_CHUNK, expected + 1 if expected >= 0 else READ_CHUNK), offset)
             if not chunk:
                 break
             chunks.append(chunk)

@@ -4,6 +4,9 @@
 # at once while its tree changes, every answer checked byte for byte (scripts/soak.py says
 # how). Prints requests/s, the answers per kind, the server's file descriptors and RSS at
 # start and end, and one line per kind of violation; exits 1 on any violation.
+# Memory: RSS may grow by at most 5 MiB from the end of warm-up (a third of the run, at
+# least 20 s, at most 60 s; the allocator's high water for the clients is reached by then)
+# to the end: a leak keeps growing, high water does not. A run of 20 s or less checks no RSS.
 #
 # Usage: scripts/soak.sh [--duration SECONDS] [--concurrency N] [--no-fault] [--keep] [--seed N]
 #

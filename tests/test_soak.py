@@ -122,3 +122,24 @@ def test_the_tree_holds_what_the_plan_says(plan):
             assert "sha256:" + hashlib.sha256(file.read()).hexdigest() == digest
     sizes = sorted(blob["size"] for blob in plan["blobs"].values())
     assert sizes[0] < 4096 and sizes[-1] > 4 * 1024 * 1024
+
+
+def rss_series(mib_by_second):
+    """(time, RSS) samples as the soak takes them, from {second: MiB}."""
+    return [(at, mib * soak_module.MIB) for at, mib in sorted(mib_by_second.items())]
+
+
+def test_rss_that_keeps_growing_after_warm_up_is_a_leak():
+    # The server before its manifest reads were sized to the file: 150 s, warm-up ends at 50 s.
+    leak = rss_series({14: 43, 29: 51, 43: 54, 50: 55, 57: 57, 71: 61, 86: 63, 100: 64, 115: 65, 129: 65, 144: 65})
+    assert soak_module.rss_grew(leak, 50, 65 * soak_module.MIB)
+
+
+def test_rss_that_rose_to_its_high_water_during_warm_up_and_stayed_is_no_leak():
+    # The same soak after the fix (120 s, warm-up ends at 40 s).
+    high_water = rss_series({11: 35, 23: 41, 34: 41, 40: 41.5, 57: 41, 80: 42, 102: 42, 114: 43})
+    assert not soak_module.rss_grew(high_water, 40, 42.2 * soak_module.MIB)
+
+
+def test_a_run_that_ends_before_warm_up_does_is_not_judged_on_memory():
+    assert not soak_module.rss_grew(rss_series({5: 30, 10: 60}), 20, 90 * soak_module.MIB)
