@@ -87,7 +87,8 @@ class RegistryApp:
 
 
 def request_from_environ(environ) -> Request:
-    query = {key: values[0] for key, values in parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True).items()}
+    query_string = environ.get("QUERY_STRING", "")
+    query = {key: values[0] for key, values in parse_qs(query_string, keep_blank_values=True).items()} if query_string else {}
     headers = {key[5:].replace("_", "-").lower(): value for key, value in environ.items() if key.startswith("HTTP_")}
     return Request(method=environ["REQUEST_METHOD"], path=environ.get("PATH_INFO", ""), query=query, headers=headers)
 

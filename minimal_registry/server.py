@@ -30,7 +30,7 @@ from gevent.pywsgi import WSGIServer
 
 from minimal_registry.app import RegistryApp
 from minimal_registry.content.formatting import counted
-from minimal_registry.connection import Connection, ConnectionEnded
+from minimal_registry.connection import AccessLog, Connection, ConnectionEnded
 from minimal_registry.fatal import Fatal
 from minimal_registry.notify import notify
 from minimal_registry.storage import ContentTree
@@ -158,7 +158,7 @@ class RegistryServer(WSGIServer):
     header_timeout = HEADER_TIMEOUT
     send_timeout = SEND_TIMEOUT
 
-    def __init__(self, listener, application, *, log_format="text", access_log=sys.stderr, table=None,
+    def __init__(self, listener, application, *, log_format="text", access_log=None, table=None,
                  multiprocess=False, **ssl_args):
         self.table = table if table is not None else ConnectionTable(1000)
         # `log=None`: the access log is ours (`access_log`); `error_log` is wsgi.errors.
@@ -283,7 +283,8 @@ def serve(config: ServeConfig) -> int:
     app = RegistryApp(tree)
     max_connections, open_files = raise_open_file_limit(config.max_connections)
     table = ConnectionTable(max_connections)
-    servers = [_bind(address, app, table, config) for address in config.listen]
+    access_log = AccessLog(sys.stderr)
+    servers = [_bind(address, app, table, config, access_log) for address in config.listen]
 
     repositories = tree.repository_names()
     tag_count = tree.tag_count(repositories)
@@ -331,6 +332,9 @@ def _serve_until_stopped(servers, table: ConnectionTable, on_listening, announce
     if unfinished:
         log.warning("%d connections still busy after %ss: closing them", unfinished, SHUTDOWN_GRACE)
         table.kill_all()
+    for server in servers[:1]:  # one access log, shared
+        if server.access_log is not None:
+            server.access_log.flush()
     if announce_stop:
         log.info("stopped")
     return 0
@@ -433,13 +437,13 @@ def _wait_status(status: int) -> str:
     return f"exit code {os.WEXITSTATUS(status)}"
 
 
-def _bind(address, app, table, config: ServeConfig) -> RegistryServer:
+def _bind(address, app, table, config: ServeConfig, access_log: AccessLog) -> RegistryServer:
     host, port = address
     ssl_args = {}
     if config.tls_cert:
         ssl_args = {"certfile": str(config.tls_cert), "keyfile": str(config.tls_key)}
     server = RegistryServer((host, port), app, log_format=config.log_format,
-                            access_log=None if config.quiet else sys.stderr, table=table,
+                            access_log=None if config.quiet else access_log, table=table,
                             multiprocess=config.workers > 1, **ssl_args)
     try:
         server.init_socket()
