@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         args = docopt.docopt(__doc__, argv=argv, version=version_text(), default_help=True)
     except docopt.DocoptExit:
         given = " ".join(sys.argv[1:] if argv is None else argv)
-        print(f"minimal-registry: these arguments do not fit the usage: {given} "
+        print(f"minimal-registry: these arguments do not fit the usage: {given}"
               "; hint: `minimal-registry --help` shows every command and option", file=sys.stderr)
         return 2
     try:
