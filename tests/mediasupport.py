@@ -14,10 +14,14 @@ import shutil
 import struct
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
+import pytest
+
+from imagetree import build_standard_tree
 from serverproc import PROJECT_ROOT
 
 MAKE_MEDIA = PROJECT_ROOT / "scripts/make-airgap-media.sh"
@@ -157,3 +161,37 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# ----- fixtures shared by the media and script-input tests (imported by name) ------------------
+
+@pytest.fixture
+def inputs(tmp_path) -> Inputs:
+    return make_inputs(tmp_path / "inputs")
+
+
+@pytest.fixture
+def tree(tmp_path) -> Path:
+    """A small real tree of this test's own, free to change."""
+    return build_standard_tree(tmp_path / "src" / "registry", with_big=False).root
+
+
+@pytest.fixture
+def media(inputs, tree, tmp_path) -> Path:
+    media = tmp_path / "media"
+    result = make_media(inputs, tree, media)
+    assert result.returncode == 0, describe(result)
+    return media
+
+
+@contextmanager
+def small_tmpfs(path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs mounted at `path` (root only): media that cannot fit."""
+    path.mkdir()
+    mounted = run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", path])
+    if mounted.returncode != 0:
+        pytest.fail(f"this test mounts a 64 KiB tmpfs and needs root: {mounted.stderr}", pytrace=False)
+    try:
+        yield path
+    finally:
+        run(["umount", path])

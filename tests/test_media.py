@@ -16,32 +16,11 @@ from typing import Dict, Iterator, List, Optional
 
 import pytest
 
-from imagetree import TreeBuilder, build_standard_tree
+from imagetree import TreeBuilder
 from mediasupport import (ELF_MACHINES, INSTALL_NODE, K3S_VERSION, MAKE_MEDIA, MEDIA_FILES, Inputs, describe,
-                          elf_file, file_states, install_node, make_inputs, make_media, read_record, run,
-                          sha256_file)
+                          elf_file, file_states, inputs, install_node, make_inputs, make_media, media, read_record,
+                          run, sha256_file, small_tmpfs, tree)  # noqa: F401 (fixtures by name)
 from serverproc import PROJECT_ROOT
-
-
-# ----- fixtures -------------------------------------------------------------------------------
-
-@pytest.fixture
-def inputs(tmp_path) -> Inputs:
-    return make_inputs(tmp_path / "inputs")
-
-
-@pytest.fixture
-def tree(tmp_path) -> Path:
-    """A small real tree of this test's own, free to change."""
-    return build_standard_tree(tmp_path / "src" / "registry", with_big=False).root
-
-
-@pytest.fixture
-def media(inputs, tree, tmp_path) -> Path:
-    media = tmp_path / "media"
-    result = make_media(inputs, tree, media)
-    assert result.returncode == 0, describe(result)
-    return media
 
 
 # ----- shellcheck -----------------------------------------------------------------------------
@@ -232,29 +211,17 @@ def test_a_tree_that_fails_verify_is_refused(inputs, tree, tmp_path):
 
 
 def test_not_enough_space_is_refused(inputs, tree, tmp_path):
-    small = tmp_path / "small"
-    small.mkdir()
-    mounted = run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", small])
-    if mounted.returncode != 0:
-        pytest.fail(f"this test mounts a 64 KiB tmpfs and needs root: {mounted.stderr}", pytrace=False)
-    try:
+    with small_tmpfs(tmp_path / "small") as small:
         result = make_media(inputs, tree, small)
         assert result.returncode == 1, describe(result)
         assert "not enough space on" in result.stderr and "MiB needed" in result.stderr
         assert list(small.iterdir()) == []
-    finally:
-        run(["umount", small])
 
 
 
 def test_not_enough_space_for_images_only_media_is_refused(inputs, tree, tmp_path):
     """Images-only media has no k3s: the space check still runs, on what it does carry."""
-    small = tmp_path / "small"
-    small.mkdir()
-    mounted = run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", small])
-    if mounted.returncode != 0:
-        pytest.fail(f"this test mounts a 64 KiB tmpfs and needs root: {mounted.stderr}", pytrace=False)
-    try:
+    with small_tmpfs(tmp_path / "small") as small:
         args = ["--images-only", "--arch", "amd64", "-m", inputs.registry]
         if inputs.registry.read_bytes()[:2] == b"#!":
             args.append("--allow-script")
@@ -263,8 +230,7 @@ def test_not_enough_space_for_images_only_media_is_refused(inputs, tree, tmp_pat
         errors = [line for line in result.stderr.splitlines() if not line.startswith(("[INFO]", "[WARN]"))]
         assert len(errors) == 1 and errors[0].startswith("[ERROR] not enough space on"), result.stderr
         assert list(small.iterdir()) == []
-    finally:
-        run(["umount", small])
+
 
 # ----- bundles --------------------------------------------------------------------------------
 

@@ -11,20 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from imagetree import build_standard_tree
-from mediasupport import describe, install_node, make_inputs, make_media, run
+from mediasupport import describe, inputs, install_node, make_media, media, run, tree  # noqa: F401 (fixtures)
 
 MAKE_ARGS_WITHOUT_OUT = ("-r", "-k", "-i", "-m", "-y", "-b")
-
-
-@pytest.fixture
-def inputs(tmp_path):
-    return make_inputs(tmp_path / "inputs")
-
-
-@pytest.fixture
-def tree(tmp_path) -> Path:
-    return build_standard_tree(tmp_path / "src" / "registry", with_big=False).root
 
 
 def error_lines(result) -> list:
@@ -124,14 +113,6 @@ def test_leftovers_of_an_interrupted_import_are_not_packed(inputs, tree, tmp_pat
 
 
 # ----- install-node.sh ------------------------------------------------------------------------
-
-@pytest.fixture
-def media(inputs, tree, tmp_path) -> Path:
-    media = tmp_path / "media"
-    result = make_media(inputs, tree, media)
-    assert result.returncode == 0, describe(result)
-    return media
-
 
 def test_install_node_accepts_sha256sums_with_crlf_line_endings(media, inputs, tmp_path):
     """SHA256SUMS opened and saved on Windows on its way to the node."""
