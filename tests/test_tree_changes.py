@@ -60,21 +60,31 @@ def let_the_clock_tick(settle):
         time.sleep(0.05)  # file times come from a clock that ticks every 1-10 ms
 
 
-@SETTLE_CASES
-def test_a_tag_file_rewritten_in_place_with_the_same_size_and_mtime_is_served_at_once(builder, monkeypatch, settle):
+FIXED_MTIME_NS = 1_600_000_000_000_000_000
+
+
+def served_as_a_plain_tag(builder, monkeypatch, settle):
+    """A plain-file tag `app:v1` served once with the first of two same-size manifests:
+    (app, the tag's path, (the second manifest's bytes, its digest)) for the change to come."""
     settle_first(monkeypatch, settle)
-    (old, old_digest), (new, new_digest) = same_size_manifests(builder, "app")
+    (old, old_digest), second = same_size_manifests(builder, "app")
     tag = builder.root / "app/manifests/v1"
     tag.write_bytes(old)
-    os.utime(tag, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    os.utime(tag, ns=(FIXED_MTIME_NS, FIXED_MTIME_NS))
     app = RegistryApp(ContentTree(builder.root))
     assert served(app, "/v2/app/manifests/v1")[:2] == (200, old_digest)
+    return app, tag, second
+
+
+@SETTLE_CASES
+def test_a_tag_file_rewritten_in_place_with_the_same_size_and_mtime_is_served_at_once(builder, monkeypatch, settle):
+    app, tag, (new, new_digest) = served_as_a_plain_tag(builder, monkeypatch, settle)
 
     # What `cp -p`, `rsync -t` and `tar --mtime` do: same inode, same size, same mtime.
     let_the_clock_tick(settle)
     with open(tag, "r+b") as file:
         file.write(new)
-    os.utime(tag, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    os.utime(tag, ns=(FIXED_MTIME_NS, FIXED_MTIME_NS))
 
     status, digest, body = served(app, "/v2/app/manifests/v1")
     assert (status, digest) == (200, new_digest) and body == new
@@ -83,18 +93,12 @@ def test_a_tag_file_rewritten_in_place_with_the_same_size_and_mtime_is_served_at
 @SETTLE_CASES
 def test_a_tag_file_deleted_and_re_created_with_the_same_size_and_mtime_is_served_at_once(builder, monkeypatch,
                                                                                           settle):
-    settle_first(monkeypatch, settle)
-    (old, old_digest), (new, new_digest) = same_size_manifests(builder, "app")
-    tag = builder.root / "app/manifests/v1"
-    tag.write_bytes(old)
-    os.utime(tag, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
-    app = RegistryApp(ContentTree(builder.root))
-    assert served(app, "/v2/app/manifests/v1")[:2] == (200, old_digest)
+    app, tag, (new, new_digest) = served_as_a_plain_tag(builder, monkeypatch, settle)
 
     let_the_clock_tick(settle)
     tag.unlink()  # ext4 hands the freed inode to the next file at once
     tag.write_bytes(new)
-    os.utime(tag, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    os.utime(tag, ns=(FIXED_MTIME_NS, FIXED_MTIME_NS))
 
     status, digest, body = served(app, "/v2/app/manifests/v1")
     assert (status, digest) == (200, new_digest) and body == new
